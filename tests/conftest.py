@@ -9,6 +9,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+pytest_plugins = ("hub_server",)
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
@@ -21,3 +23,20 @@ def _seed_everything():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+TINY_CONFIG = {
+    "vocabulary_size": 97,
+    "num_layers": 3,
+    "hidden_dim": 16,
+    "intermediate_dim": 32,
+    "num_heads": 2,
+    "head_dim": 8,
+    "num_experts": 4,
+}
+
+
+@pytest.fixture
+def tiny_config():
+    """A 3-layer GLaM (MoE on layers 0 and 2) small enough for every test."""
+    return dict(TINY_CONFIG)

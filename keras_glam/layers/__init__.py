@@ -1,0 +1,6 @@
+from keras_glam.layers.gated_gelu_feedforward import GatedGeluFeedForward
+from keras_glam.layers.glam_attention import GLaMAttention
+from keras_glam.layers.glam_decoder_block import GLaMDecoderBlock
+from keras_glam.layers.moe_feedforward import MoEFeedForward
+from keras_glam.layers.relative_bias import RelativeBias, relative_position_bucket
+from keras_glam.layers.rms_norm import RMSNorm

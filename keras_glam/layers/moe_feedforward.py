@@ -1,0 +1,553 @@
+"""GLaM's mixture-of-experts feed-forward layer: GShard top-k routing, capacity, dispatch."""
+
+import math
+from typing import NamedTuple
+
+import keras
+from keras import ops
+
+from keras_glam.layers.routing import TopKRouter
+from keras_glam.layers.routing import expert_capacity
+
+_DISPATCH_MODES = ("auto", "einsum", "sort")
+_MAX_DROPLESS_BLOCK = 128
+
+
+@keras.saving.register_keras_serializable(package="keras_glam")
+class MoEFeedForward(keras.layers.Layer):
+    """Top-k mixture of two-matrix expert FFNs, `y = sum_j g_j * act(x Wi[e_j]) Wo[e_j]`.
+
+    Tokens are flattened to `T = B * L` and split into `G` contiguous routing groups of
+    `S = T / G` tokens. A float32 GShard router (`TopKRouter`) picks `top_k` experts per token;
+    during training every expert takes at most `C = expert_capacity(S, E, capacity_factor)` tokens
+    per group, later claims are dropped (their gate is zeroed, the other gate is not renormalised,
+    a token dropped by all its choices outputs zero: in GLaM only the residual carries it).
+    Padding tokens are not routed and output zero.
+
+    Capacity-based computation (training, or evaluation with `eval_capacity_factor`) gathers the
+    tokens into `expert_inputs` `[E, G, C, M]`, runs every expert on its `[G, C, M]` buffer with
+    batched matmuls and combines the outputs weighted by the gates. Two implementations produce
+    the same `expert_inputs`:
+
+    - `"einsum"`: GShard's one-hot dispatch and combine tensors `[G, S, E, C]`
+      (`einsum("gsec,gsm->egcm")`, `einsum("gsec,egcm->gsm")`). Extra FLOPs grow with `S`, so
+      keep groups small; it partitions cleanly under GSPMD.
+    - `"sort"`: integer slot maps and row gathers, `O(T * k * M)` data movement and no `S * C`
+      term. Its backward pass is written with gathers too (a custom gradient), never a
+      scatter-add.
+    - `"auto"`: `"einsum"` on TPU, `"sort"` elsewhere (CPU and GPU).
+
+    Evaluation and decoding (`training` falsy) with `eval_capacity_factor=None` drop no token and
+    still compute only the chosen experts: the `T * k` choices are laid out sorted by expert, each
+    expert's run padded to a multiple of a block size `b` (a static bound of
+    `T * k + E * (b - 1)` rows), and a scan over the blocks multiplies each block by its expert's
+    weights. `b` is 1 when `T * k` is small (decoding: one expert matrix read per choice) and grows
+    up to 128 while the padding stays under a quarter of the rows. Routing without capacity uses a
+    single group (groups only matter for capacity). This path honours LoRA and int8 quantization of
+    the expert layers; other quantization modes need `eval_capacity_factor`.
+
+    The auxiliary load-balance loss `aux_loss_weight * aux` is added with `add_loss` on every call
+    (see `routing.top_k_gating`). Training calls also store routing statistics in two
+    non-trainable float32 variables a training loop can log: `expert_load` `[E]` (choices routed to
+    each expert before capacity, in the last training call) and `dropped_fraction` `[top_k]`
+    (fraction of real tokens whose `j + 1`-th choice was dropped). Direct callers get the full
+    `RouterOutput` with `return_routing=True`.
+
+    Weights: `router/kernel` `[M, E]` (float32 always; `quantize()` and `enable_lora()` leave it
+    alone), `expert_wi/kernel` `[E, M, H]` and `expert_wo/kernel` `[E, H, M]` (two `EinsumDense`
+    layers, so `quantize("int8")` and `enable_lora(rank)` apply to the experts). Experts compute in
+    the layer's compute dtype; routing runs in float32.
+
+    Args:
+        num_experts: int, `E`.
+        intermediate_dim: int, hidden size `H` of each expert.
+        top_k: int, experts per token (GLaM: 2).
+        capacity_factor: float or None. Training capacity in GShard's convention (counts all `k`
+            choices; 2.0 fits every choice under perfect balance). None: train without drops.
+        eval_capacity_factor: float or None. Capacity used when `training` is falsy; None (the
+            default) routes without capacity and drops nothing.
+        num_groups: int or None, routing groups `G`. None: one per batch shard, the number of
+            devices the active `keras.distribution` splits the batch over (`data x expert` under
+            `keras_glam.distribution.expert_parallel`; 1 without one). `B * L` must divide by it.
+        dispatch: `"auto"`, `"einsum"` or `"sort"`, see above.
+        activation: expert activation (GLaM: `"relu"`).
+        aux_loss_weight: float, weight of the load-balance loss (GLaM: 0.01 per MoE layer).
+        kernel_initializer: initializer of both expert kernels. Default `"lecun_uniform"`: uniform
+            with standard deviation `fan_in^-1/2` (`M^-1/2` for `Wi`, `H^-1/2` for `Wo`), as
+            lingvo's `gshard_builder` and praxis' `TransformerFeedForwardMoe`.
+        router_initializer: initializer of the router kernel, default as above (`M^-1/2`).
+        **kwargs: base layer arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: float `[B, L, M]` (any number of leading token axes works).
+        padding_mask: optional `[B, L]`; zero marks padding, any other value a real token.
+        training: bool; selects `capacity_factor` or `eval_capacity_factor`.
+        return_routing: bool; if True return `(outputs, RouterOutput)`. For direct calls only.
+
+    Returns:
+        `[B, L, M]` in the compute dtype (and the `RouterOutput` if `return_routing`).
+
+    Example:
+
+    >>> import numpy as np
+    >>> moe = MoEFeedForward(num_experts=4, intermediate_dim=32, name="moe")
+    >>> x = np.random.normal(size=(2, 8, 16)).astype("float32")
+    >>> y = moe(x, training=True)
+    >>> y.shape, len(moe.losses)
+    ((2, 8, 16), 1)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        intermediate_dim,
+        top_k=2,
+        capacity_factor=2.0,
+        eval_capacity_factor=None,
+        num_groups=None,
+        dispatch="auto",
+        activation="relu",
+        aux_loss_weight=0.01,
+        kernel_initializer="lecun_uniform",
+        router_initializer="lecun_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if dispatch not in _DISPATCH_MODES:
+            raise ValueError(f"`dispatch` must be one of {_DISPATCH_MODES}, got {dispatch!r}.")
+        for arg_name, factor in (
+            ("capacity_factor", capacity_factor),
+            ("eval_capacity_factor", eval_capacity_factor),
+        ):
+            if factor is not None and factor <= 0:
+                raise ValueError(
+                    f"`{arg_name}` must be positive, or None for routing without capacity; "
+                    f"got {factor}."
+                )
+        if num_groups is not None and num_groups < 1:
+            raise ValueError(f"`num_groups` must be a positive int or None, got {num_groups}.")
+        self.num_experts = num_experts
+        self.intermediate_dim = intermediate_dim
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.num_groups = num_groups
+        self.dispatch = dispatch
+        self.activation = keras.activations.get(activation)
+        self.aux_loss_weight = aux_loss_weight
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.router_initializer = keras.initializers.get(router_initializer)
+        self.router = TopKRouter(
+            num_experts, top_k, kernel_initializer=self.router_initializer, name="router"
+        )
+
+    def build(self, input_shape):
+        model_dim = input_shape[-1]
+        self.router.build((None, None, model_dim))
+        self.expert_wi = keras.layers.EinsumDense(
+            "egcm,emh->egch",
+            output_shape=(None, None, self.intermediate_dim),
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="expert_wi",
+        )
+        self.expert_wi.build((self.num_experts, None, None, model_dim))
+        self.expert_wo = keras.layers.EinsumDense(
+            "egch,ehm->egcm",
+            output_shape=(None, None, model_dim),
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="expert_wo",
+        )
+        self.expert_wo.build((self.num_experts, None, None, self.intermediate_dim))
+        self.expert_load = self.add_weight(
+            name="expert_load",
+            shape=(self.num_experts,),
+            initializer="zeros",
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+        )
+        self.dropped_fraction = self.add_weight(
+            name="dropped_fraction",
+            shape=(self.top_k,),
+            initializer="zeros",
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+        )
+        if self.dispatch == "auto":
+            on_tpu = keras.distribution.list_devices()[0].lower().startswith("tpu")
+            self._dispatch_mode = "einsum" if on_tpu else "sort"
+        else:
+            self._dispatch_mode = self.dispatch
+
+    def call(self, inputs, padding_mask=None, training=None, return_routing=False):
+        model_dim = inputs.shape[-1]
+        num_tokens = math.prod(inputs.shape[:-1])
+        tokens = ops.reshape(inputs, (num_tokens, model_dim))
+        is_real = None
+        if padding_mask is not None:
+            is_real = ops.reshape(ops.not_equal(padding_mask, 0), (num_tokens,))
+        capacity_factor = self.capacity_factor if training else self.eval_capacity_factor
+        if capacity_factor is None:
+            outputs, routing = self._dropless_forward(tokens, is_real)
+        else:
+            outputs, routing = self._capacity_forward(tokens, is_real, capacity_factor)
+        if training:
+            self.expert_load.assign(routing.metrics.routed_per_expert)
+            self.dropped_fraction.assign(routing.metrics.dropped_fraction)
+        self.add_loss(self.aux_loss_weight * routing.aux_loss)
+        outputs = ops.reshape(outputs, inputs.shape)
+        if return_routing:
+            return outputs, routing
+        return outputs
+
+    def _capacity_forward(self, tokens, is_real, capacity_factor):
+        """Routing with capacity, then `"einsum"` or `"sort"` dispatch. Tokens `[T, M]`."""
+        num_tokens, model_dim = tokens.shape
+        num_groups = self._resolve_num_groups(num_tokens)
+        group_size = num_tokens // num_groups
+        capacity = expert_capacity(group_size, self.num_experts, capacity_factor)
+        grouped = ops.reshape(tokens, (num_groups, group_size, model_dim))
+        group_mask = None if is_real is None else ops.reshape(is_real, (num_groups, group_size))
+        routing = self.router(grouped, padding_mask=group_mask, capacity=capacity)
+        instructions = routing.instructions
+        if self._dispatch_mode == "einsum":
+            dispatch_mask, combine_tensor = _one_hot_dispatch_tensors(
+                instructions, self.num_experts, capacity, self.compute_dtype
+            )
+            expert_inputs = ops.einsum("gsec,gsm->egcm", dispatch_mask, grouped)
+            expert_outputs = self._run_experts(self._constrain_expert_inputs(expert_inputs))
+            outputs = ops.einsum("gsec,egcm->gsm", combine_tensor, expert_outputs)
+        else:
+            slots = _capacity_slot_map(instructions, self.num_experts, capacity)
+            expert_inputs = ops.reshape(
+                _gather_into_slots(tokens, slots),
+                (self.num_experts, num_groups, capacity, model_dim),
+            )
+            expert_outputs = self._run_experts(self._constrain_expert_inputs(expert_inputs))
+            outputs = _combine_from_slots(
+                ops.reshape(expert_outputs, (-1, model_dim)),
+                slots,
+                _flat_choices(instructions.combine_weights),
+            )
+        return ops.reshape(outputs, (num_tokens, model_dim)), routing
+
+    def _constrain_expert_inputs(self, expert_inputs):
+        """Hook on the dispatched activations `[E, G, C, M]`, the tensor expert parallelism shards.
+
+        Under a distribution with a layout for `f"{self.path}/expert_inputs"` (the `LayoutMap`
+        of `keras_glam.distribution` puts `E` on the expert axis) the tensor is constrained to
+        it, after a constraint to `f"{self.path}/expert_inputs_by_group"` (if present: groups on
+        the devices that hold their tokens). Dispatch then runs where the tokens are, and XLA
+        moves each slot to its expert's device by all-to-all; sharding the expert kernels alone
+        lets XLA gather tokens or kernels instead. Without such layouts the input is returned
+        unchanged.
+        """
+        distribution = keras.distribution.distribution()
+        if distribution is None:
+            return expert_inputs
+        by_expert = distribution.get_tensor_layout(f"{self.path}/expert_inputs")
+        if by_expert is None:
+            return expert_inputs
+        by_group = distribution.get_tensor_layout(f"{self.path}/expert_inputs_by_group")
+        if by_group is not None:
+            expert_inputs = keras.distribution.distribute_tensor(expert_inputs, by_group)
+        return keras.distribution.distribute_tensor(expert_inputs, by_expert)
+
+    def _run_experts(self, expert_inputs):
+        """`[E, G, C, M]` -> `[E, G, C, M]`, each expert on its own buffer."""
+        return self.expert_wo(self.activation(self.expert_wi(expert_inputs)))
+
+    def _dropless_forward(self, tokens, is_real):
+        """Routing without capacity (one group) and the block-sorted expert scan. Tokens `[T, M]`."""
+        num_tokens, model_dim = tokens.shape
+        routing = self.router(
+            tokens[None],
+            padding_mask=None if is_real is None else is_real[None],
+            capacity=None,
+        )
+        num_choices = num_tokens * self.top_k
+        block_size = _dropless_block_size(num_choices, self.num_experts)
+        slots, block_expert = _block_slot_map(
+            routing.instructions, routing.metrics.dispatched_per_expert, block_size
+        )
+        rows = ops.reshape(_gather_into_slots(tokens, slots), (-1, block_size, model_dim))
+        wi = _ExpertProjection(self.expert_wi, self.compute_dtype)
+        wo = _ExpertProjection(self.expert_wo, self.compute_dtype)
+
+        def expert_block(carry, block):
+            block_rows, expert = block
+            hidden = self.activation(wi.project(block_rows, expert))
+            return carry, wo.project(hidden, expert)
+
+        _, row_outputs = ops.scan(expert_block, 0, (rows, block_expert))
+        outputs = _combine_from_slots(
+            ops.reshape(row_outputs, (-1, model_dim)),
+            slots,
+            _flat_choices(routing.instructions.combine_weights),
+        )
+        return outputs, routing
+
+    def _resolve_num_groups(self, num_tokens):
+        num_groups = self.num_groups
+        if num_groups is None:
+            num_groups = _batch_devices_of_distribution()
+        if num_tokens % num_groups:
+            raise ValueError(
+                f"MoEFeedForward '{self.name}': the {num_tokens} tokens (batch x length) cannot "
+                f"be split into num_groups={num_groups} routing groups of equal size"
+                + (
+                    " (num_groups=None took the devices the distribution splits the batch over)"
+                    if self.num_groups is None
+                    else ""
+                )
+                + ". Pass a `num_groups` that divides batch x length, or change the batch size."
+            )
+        return num_groups
+
+    def compute_output_spec(self, inputs, padding_mask=None, training=None, return_routing=False):
+        if return_routing:
+            raise ValueError(
+                "`return_routing=True` is for direct calls on tensors, not for building "
+                "functional models."
+            )
+        return keras.KerasTensor(inputs.shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "intermediate_dim": self.intermediate_dim,
+                "top_k": self.top_k,
+                "capacity_factor": self.capacity_factor,
+                "eval_capacity_factor": self.eval_capacity_factor,
+                "num_groups": self.num_groups,
+                "dispatch": self.dispatch,
+                "activation": keras.activations.serialize(self.activation),
+                "aux_loss_weight": self.aux_loss_weight,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "router_initializer": keras.initializers.serialize(self.router_initializer),
+            }
+        )
+        return config
+
+
+class _SlotMap(NamedTuple):
+    """Two inverse integer maps between choices and buffer slots.
+
+    `slot_of_choice` `[T, k]`: the slot of each choice, `num_slots` where it has none.
+    `choice_of_slot` `[P]`: the choice `token * k + j` in each slot, `T * k` where empty.
+    """
+
+    slot_of_choice: object
+    choice_of_slot: object
+
+
+def _flat_choices(per_group):
+    """`[G, S, k]` -> `[G * S, k]`: choice `j` of global token `g * S + s`."""
+    return ops.reshape(per_group, (-1, per_group.shape[-1]))
+
+
+def _capacity_slot_map(instructions, num_experts, capacity):
+    """Slots laid out as `[E, G, C]`: slot `(e * G + g) * C + position`."""
+    num_groups, _, top_k = instructions.expert_index.shape
+    group_index = ops.arange(num_groups, dtype="int32")[:, None, None]
+    slot = (instructions.expert_index * num_groups + group_index) * capacity
+    slot = slot + instructions.expert_position
+    num_slots = num_experts * num_groups * capacity
+    slot = ops.where(instructions.dispatched, slot, num_slots)
+    return _invert_slots(_flat_choices(slot), num_slots)
+
+
+def _block_slot_map(instructions, dispatched_per_expert, block_size):
+    """Rows sorted by expert, each expert's run padded to a multiple of `block_size`.
+
+    Args:
+        instructions: `RoutingInstructions` of one group (`[1, T, k]`), routed without capacity.
+        dispatched_per_expert: float `[E]`, choices per expert.
+        block_size: int `b`.
+
+    Returns:
+        The `_SlotMap` over `R = roundup(T * k + E * (b - 1), b)` rows, and the int32 expert of
+        each of the `R / b` blocks.
+    """
+    num_experts = dispatched_per_expert.shape[0]
+    num_choices = math.prod(instructions.expert_index.shape)
+    num_rows = -(-(num_choices + num_experts * (block_size - 1)) // block_size) * block_size
+    counts = ops.cast(dispatched_per_expert, "int32")
+    padded_counts = (counts + block_size - 1) // block_size * block_size
+    padded_end = ops.cumsum(padded_counts)
+    padded_start = padded_end - padded_counts
+    row = ops.take(padded_start, instructions.expert_index) + instructions.expert_position
+    row = ops.where(instructions.dispatched, row, num_rows)
+    block_start = ops.arange(0, num_rows, block_size, dtype="int32")
+    block_expert = ops.sum(ops.cast(padded_end[None, :] <= block_start[:, None], "int32"), axis=1)
+    # Blocks past the last expert's run hold only empty rows; any valid expert will do.
+    block_expert = ops.minimum(block_expert, num_experts - 1)
+    return _invert_slots(_flat_choices(row), num_rows), block_expert
+
+
+def _invert_slots(slot_of_choice, num_slots):
+    num_choices = math.prod(slot_of_choice.shape)
+    choice_of_slot = ops.scatter_update(
+        ops.full((num_slots + 1,), num_choices, dtype="int32"),
+        ops.reshape(slot_of_choice, (-1, 1)),
+        ops.arange(num_choices, dtype="int32"),
+    )
+    return _SlotMap(slot_of_choice, choice_of_slot[:num_slots])
+
+
+def _append_zero_row(x):
+    return ops.concatenate([x, ops.zeros((1,) + tuple(x.shape[1:]), dtype=x.dtype)], axis=0)
+
+
+def _gather_into_slots(tokens, slots):
+    """`[T, M]` -> `[P, M]`, each slot holding its token (zeros where empty).
+
+    The gradient gathers too: a token's gradient is the sum of its `k` slots' gradients.
+    """
+    top_k = slots.slot_of_choice.shape[-1]
+    token_of_slot = slots.choice_of_slot // top_k
+
+    @ops.custom_gradient
+    def gather(tokens):
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            per_choice = ops.take(_append_zero_row(upstream), slots.slot_of_choice, axis=0)
+            return ops.sum(per_choice, axis=1)
+
+        return ops.take(_append_zero_row(tokens), token_of_slot, axis=0), grad
+
+    return gather(tokens)
+
+
+def _combine_from_slots(slot_outputs, slots, combine_weights):
+    """`y[t] = sum_j w[t, j] * slot_outputs[slot_of_choice[t, j]]`, `[P, M]` -> `[T, M]`.
+
+    The weights are cast to the outputs' dtype (GShard combines in the activation dtype). The
+    gradient gathers too: each slot receives its one token's output gradient times its weight.
+    """
+    top_k = slots.slot_of_choice.shape[-1]
+    token_of_slot = slots.choice_of_slot // top_k
+    weights_dtype = combine_weights.dtype
+
+    @ops.custom_gradient
+    def combine(slot_outputs, combine_weights):
+        weights = ops.cast(combine_weights, slot_outputs.dtype)
+        chosen = ops.take(_append_zero_row(slot_outputs), slots.slot_of_choice, axis=0)
+        outputs = ops.sum(chosen * weights[..., None], axis=1)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            weight_of_slot = ops.take(
+                _append_zero_row(ops.reshape(weights, (-1, 1))), slots.choice_of_slot, axis=0
+            )
+            upstream_of_slot = ops.take(_append_zero_row(upstream), token_of_slot, axis=0)
+            slot_grad = upstream_of_slot * weight_of_slot
+            weights_grad = ops.sum(chosen * upstream[:, None, :], axis=-1)
+            return slot_grad, ops.cast(weights_grad, weights_dtype)
+
+        return outputs, grad
+
+    return combine(slot_outputs, combine_weights)
+
+
+def _one_hot_dispatch_tensors(instructions, num_experts, capacity, dtype):
+    """GShard's dispatch mask and combine tensor, both `[G, S, E, C]` in `dtype`."""
+    dispatched = ops.cast(instructions.dispatched, "float32")
+    expert_one_hot = ops.one_hot(instructions.expert_index, num_experts, dtype="float32")
+    slot_one_hot = ops.one_hot(instructions.expert_position, capacity, dtype="float32")
+    slot_one_hot = slot_one_hot * dispatched[..., None]
+    dispatch_mask = ops.einsum("gske,gskc->gsec", expert_one_hot, slot_one_hot)
+    combine_tensor = ops.einsum(
+        "gske,gskc->gsec", expert_one_hot * instructions.combine_weights[..., None], slot_one_hot
+    )
+    return ops.cast(dispatch_mask, dtype), ops.cast(combine_tensor, dtype)
+
+
+def _dropless_block_size(num_choices, num_experts):
+    """Largest power of two (at most 128) whose padding rows `E * (b - 1)` stay under a quarter
+    of the `num_choices` rows; 1 for decoding-sized inputs."""
+    block_size = 1
+    while (
+        block_size * 2 <= _MAX_DROPLESS_BLOCK
+        and num_experts * (block_size * 2 - 1) * 4 <= num_choices
+    ):
+        block_size *= 2
+    return block_size
+
+
+def _batch_devices_of_distribution():
+    """Devices the active distribution splits the batch over (1 without one).
+
+    Read from its data layout, whose batch entry may name several mesh axes (`ExpertParallel`
+    splits the batch over `data x expert`).
+    """
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return 1
+    batch_axes = distribution.get_data_layout((1,)).axes[0]
+    if batch_axes is None:
+        return 1
+    if isinstance(batch_axes, str):
+        batch_axes = (batch_axes,)
+    mesh = distribution.device_mesh
+    return math.prod(mesh.shape[mesh.axis_names.index(axis)] for axis in batch_axes)
+
+
+class _ExpertProjection:
+    """One expert's matmul `rows @ W[expert]` exactly as an expert `EinsumDense` computes it.
+
+    Reads the layer's effective weights once: the float kernel (with LoRA merged, as
+    `EinsumDense.kernel` does), or for int8 the int8 kernel, its per-output-channel scale, the
+    per-row activation quantizer and the LoRA factors, so the dropless path matches the capacity
+    path under `enable_lora` and `quantize("int8")`.
+    """
+
+    def __init__(self, layer, compute_dtype):
+        mode = layer.quantization_mode
+        if mode not in (None, "int8"):
+            raise NotImplementedError(
+                f"Routing without capacity supports float and int8 expert layers, but "
+                f"'{layer.path}' is quantized with mode={mode!r}. Set `eval_capacity_factor` on "
+                "the MoE layer to evaluate with capacity, which supports every mode."
+            )
+        self.compute_dtype = compute_dtype
+        self.is_int8 = mode == "int8"
+        if not self.is_int8:
+            self.kernel = ops.cast(layer.kernel, compute_dtype)
+            return
+        self.kernel = ops.convert_to_tensor(layer._kernel)
+        num_experts, _, out_dim = self.kernel.shape
+        self.kernel_scale = ops.reshape(layer.kernel_scale, (num_experts, out_dim))
+        self.inputs_quantizer = layer.inputs_quantizer
+        self.lora = None
+        if layer.lora_enabled:
+            self.lora = (
+                layer.lora_kernel_a,
+                layer.lora_kernel_b,
+                layer.lora_alpha / layer.lora_rank,
+            )
+
+    def project(self, rows, expert):
+        """`rows` `[b, K]` of one `expert` (int32 scalar) -> `[b, F]`."""
+        kernel = ops.take(self.kernel, expert, axis=0)
+        if not self.is_int8:
+            return ops.matmul(rows, kernel)
+        scale = ops.take(self.kernel_scale, expert, axis=0)
+        if self.inputs_quantizer:
+            quantized_rows, rows_scale = self.inputs_quantizer(rows, axis=-1)
+            outputs = ops.cast(ops.einsum("bk,kf->bf", quantized_rows, kernel), self.compute_dtype)
+            outputs = outputs / (rows_scale * scale)
+        else:
+            outputs = ops.cast(ops.einsum("bk,kf->bf", rows, kernel), self.compute_dtype) / scale
+        if self.lora is not None:
+            lora_a, lora_b, lora_scale = self.lora
+            low_rank = ops.matmul(ops.matmul(rows, ops.take(lora_a, expert, axis=0)), lora_b)
+            outputs = ops.cast(outputs + lora_scale * low_rank, self.compute_dtype)
+        return outputs

@@ -1,0 +1,5 @@
+from keras_glam.models.glam_backbone import GLaMBackbone
+from keras_glam.models.glam_causal_lm import GLaMCausalLM
+from keras_glam.models.glam_causal_lm_preprocessor import GLaMCausalLMPreprocessor
+from keras_glam.models.glam_tokenizer import GLaMTokenizer
+from keras_glam.models.parameter_count import count_params

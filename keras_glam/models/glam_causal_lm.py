@@ -1,0 +1,336 @@
+"""GLaM as a causal language model: training with `fit`, cached XLA generation with `generate`."""
+
+import inspect
+
+import keras
+import keras_hub
+from keras import ops
+
+from keras_glam.models import preset_loading
+from keras_glam.models.glam_backbone import GLaMBackbone
+from keras_glam.models.glam_causal_lm_preprocessor import GLaMCausalLMPreprocessor
+from keras_glam.models.input_checks import check_token_ids
+from keras_glam.training.losses import Z_LOSS_WEIGHT
+from keras_glam.training.losses import language_model_losses
+from keras_glam.training.losses import routing_statistics
+from keras_glam.training.recipe import glam_optimizer
+from keras_glam.training.skip_nonfinite import SkipNonFiniteSteps
+
+# Logit of the embedding rows added by `pad_vocabulary_to_multiple_of`. Finite, unlike -inf, so
+# that one-hot cross-entropies (`0 * log_softmax`) stay free of NaN; its exp() is exactly 0.
+_PADDED_LOGIT = -1e9
+
+_BACKBONE_ARGUMENTS = set(inspect.signature(GLaMBackbone.__init__).parameters) - {"self", "kwargs"}
+
+
+@keras.saving.register_keras_serializable(package="keras_glam")
+class GLaMCausalLM(keras_hub.models.CausalLM):
+    """An end-to-end GLaM model for causal language modelling.
+
+    The output layer is the tied embedding: `logits = (h * M^-1/2) @ E^T`, computed in float32
+    (GLaM's initialisation N(0, 1) of the embedding makes the `M^-1/2` scale part of the model).
+    `generate()` uses a KV cache and XLA-compiled sampling loops; every KerasHub sampler
+    applies (`compile(sampler="greedy" | "top_k" | "top_p" | "beam" | ...)`). Decoding routes
+    tokens to experts without capacity drops, so cached decoding equals a full forward pass.
+    With a padded vocabulary (`GLaMBackbone(pad_vocabulary_to_multiple_of=...)`) the logits have
+    one entry per embedding row and the padding entries are -1e9.
+
+    Args:
+        backbone: a `GLaMBackbone`.
+        preprocessor: a `GLaMCausalLMPreprocessor` or None (then inputs are token ids).
+
+    Example:
+    ```python
+    lm = keras_glam.GLaMCausalLM.from_preset("glam_tiny_8e")
+    lm.compile(sampler="greedy")
+    lm.generate("def main():", max_length=24)
+    ```
+    """
+
+    backbone_cls = GLaMBackbone
+    preprocessor_cls = GLaMCausalLMPreprocessor
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        _check_vocabularies_match(backbone, preprocessor)
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        inputs = backbone.input
+        logits = self._output_logits(backbone(inputs))
+        super().__init__(inputs=inputs, outputs=logits, **kwargs)
+
+    def _output_logits(self, hidden_states):
+        scale = self.backbone.hidden_dim**-0.5
+        scaled = ops.multiply(ops.cast(hidden_states, "float32"), scale)
+        logits = self.backbone.token_embedding(scaled, reverse=True)
+        num_rows = logits.shape[-1]
+        if num_rows == self.backbone.vocabulary_size:
+            return logits
+        # Padding rows of the embedding are no tokens: never sampled, no probability mass.
+        is_token = ops.arange(num_rows) < self.backbone.vocabulary_size
+        return ops.where(is_token, logits, _PADDED_LOGIT)
+
+    def call_with_cache(self, token_ids, cache, cache_update_index):
+        """One cached forward pass.
+
+        Args:
+            token_ids: int `[B, T]`, the tokens at positions `cache_update_index + arange(T)`.
+            cache: `[B, num_layers, 2, max_len, N, Dh]` keys and values.
+            cache_update_index: int or scalar tensor, position of `token_ids[:, 0]`.
+
+        Returns:
+            `(logits [B, T, V], hidden_states [B, T, M], cache)`.
+        """
+        query_length = ops.shape(token_ids)[1]
+        max_length = ops.shape(cache)[3]
+        query_positions = cache_update_index + ops.arange(query_length)
+        attention_mask = ops.expand_dims(
+            ops.arange(max_length)[None, :] <= query_positions[:, None], 0
+        )
+        x = self.backbone.token_embedding(token_ids)
+        updated = []
+        for index, block in enumerate(self.backbone.transformer_layers):
+            x, layer_cache = block(
+                x,
+                attention_mask=attention_mask,
+                cache=cache[:, index, ...],
+                cache_update_index=cache_update_index,
+            )
+            updated.append(layer_cache)
+        hidden_states = self.backbone.final_norm(x)
+        return self._output_logits(hidden_states), hidden_states, ops.stack(updated, axis=1)
+
+    def _build_cache(self, token_ids):
+        """Run the prompt through the model, returning its hidden states and a filled cache."""
+        backbone = self.backbone
+        batch_size, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        shape = [
+            batch_size,
+            backbone.num_layers,
+            2,
+            max_length,
+            backbone.num_heads,
+            backbone.head_dim,
+        ]
+        cache = ops.zeros(shape, dtype=self.compute_dtype)
+        _, hidden_states, cache = self.call_with_cache(token_ids, cache, 0)
+        return hidden_states, cache
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """A compilable generation function for one batch of `token_ids`/`padding_mask`."""
+        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        hidden_states, cache = self._build_cache(token_ids)
+        row_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=-1)
+        index = ops.min(row_lengths)
+
+        def next(prompt, cache, index):
+            cache_update_index = index - 1
+            batch_size = ops.shape(prompt)[0]
+            prompt = ops.slice(prompt, [0, cache_update_index], [batch_size, 1])
+            logits, hidden_states, cache = self.call_with_cache(
+                prompt, cache, cache_update_index
+            )
+            return ops.squeeze(logits, axis=1), ops.squeeze(hidden_states, axis=1), cache
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states,
+            model=self,
+        )
+        if stop_token_ids is None:
+            padding_mask = ops.ones_like(token_ids, dtype="bool")
+        else:
+            # Keep everything up to and including the first stop token after the prompt.
+            is_stop = ops.zeros_like(token_ids, dtype="bool")
+            for stop_id in stop_token_ids:
+                is_stop = ops.logical_or(is_stop, ops.equal(token_ids, stop_id))
+            is_stop = ops.cast(ops.logical_and(is_stop, ops.logical_not(padding_mask)), "int32")
+            stops_before = ops.cumsum(is_stop, axis=-1) - is_stop
+            padding_mask = ops.equal(stops_before, 0)
+        return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
+        if self.preprocessor is None or isinstance(inputs, dict):
+            batches = inputs if isinstance(inputs, list) else [inputs]
+            for batch in batches:
+                check_token_ids(batch, self.backbone.vocabulary_size)
+        return super().generate(
+            inputs, max_length=max_length, stop_token_ids=stop_token_ids, strip_prompt=strip_prompt
+        )
+
+    # Defaults until `compile` sets them, so `compute_loss` also works on an uncompiled model.
+    z_loss_weight = Z_LOSS_WEIGHT
+    _data_loss = None
+    _routing_statistics_in_logs = False
+
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        *,
+        weighted_metrics="auto",
+        sampler="top_k",
+        z_loss_weight=Z_LOSS_WEIGHT,
+        skip_nonfinite_steps=True,
+        **kwargs,
+    ):
+        """Configure training with GLaM's recipe, every part overridable, and generation.
+
+        With no arguments this is GLaM's recipe (`keras_glam.training.recipe`): `GLaMAdafactor`
+        on `rsqrt(max(step, 10000))`, loss = mean token cross-entropy (float32, over tokens with
+        `sample_weight > 0`) + `1e-4 * mean(logsumexp(logits)^2)` + the MoE layers' load-balance
+        losses (`0.01 * aux` per MoE layer, set by the backbone's `aux_loss_weight`), and every
+        step whose gradients are NaN/Inf skipped with weights and optimizer state unchanged.
+
+        Besides `loss` (the total) the logs carry its three terms, which add up to it:
+        `cross_entropy`, `z_loss` (already multiplied by `z_loss_weight`) and `aux_loss`. Their
+        running means weigh each batch by its target tokens (`sum(sample_weight)`), so an
+        evaluation's `cross_entropy` is the mean over every held-out token (Keras' own `loss`
+        weighs batches by their rows), and steps with a non-finite value leave them untouched
+        (`loss` then shows NaN until the epoch ends). Training logs of an MoE model
+        also carry `dropped_top1`, `dropped_top2` (fraction of tokens whose first/second choice
+        exceeded capacity) and `expert_load_cv` (coefficient of variation of the tokens routed
+        per expert), averaged over MoE layers (`keras_glam.training.losses.routing_statistics`).
+        Evaluation routes without capacity and logs no routing statistics.
+
+        Args:
+            optimizer: `"auto"` (GLaM's `GLaMAdafactor` and schedule, see
+                `keras_glam.training.recipe.glam_optimizer`), an optimizer name or instance.
+            loss: `"auto"` (GLaM's token cross-entropy), or a Keras loss that replaces the
+                cross-entropy term; the z-loss and the aux losses are added to it either way.
+            weighted_metrics: `"auto"` (token accuracy, weighted by `sample_weight`) or a list.
+            sampler: the KerasHub sampler `generate()` uses (`"top_k"`, `"greedy"`, ...).
+            z_loss_weight: float. Weight of the output z-loss (GLaM: 1e-4; 0 disables it).
+            skip_nonfinite_steps: bool. Wrap the optimizer in `SkipNonFiniteSteps` (GLaM: on).
+            **kwargs: other `keras.Model.compile` arguments (`jit_compile`, `metrics`, ...).
+        """
+        if optimizer == "auto":
+            optimizer = glam_optimizer()
+        optimizer = keras.optimizers.get(optimizer)
+        if skip_nonfinite_steps and not isinstance(optimizer, SkipNonFiniteSteps):
+            optimizer = SkipNonFiniteSteps(optimizer)
+        if weighted_metrics == "auto":
+            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        self.z_loss_weight = z_loss_weight
+        self._data_loss = None if loss == "auto" else keras.losses.get(loss)
+        # The loss is computed in `compute_loss`; Keras' own compiled loss stays unused.
+        super().compile(
+            optimizer=optimizer,
+            loss=None,
+            weighted_metrics=weighted_metrics,
+            sampler=sampler,
+            **kwargs,
+        )
+        # Created once: Keras tracks every metric ever assigned, so recompiling must reuse them.
+        if not hasattr(self, "_loss_term_trackers"):
+            self._loss_term_trackers = {
+                name: keras.metrics.Mean(name=name)
+                for name in ("cross_entropy", "z_loss", "aux_loss")
+            }
+            routing_names = []
+            if self.backbone.moe_layers:
+                routing_names = [f"dropped_top{k + 1}" for k in range(self.backbone.top_k)]
+                routing_names.append("expert_load_cv")
+            self._routing_trackers = {name: keras.metrics.Mean(name=name) for name in routing_names}
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """GLaM's loss: data term + `z_loss_weight` * output z-loss + the model's aux losses.
+
+        Args:
+            x: the inputs (unused).
+            y: int `[B, L]` target token ids.
+            y_pred: float `[B, L, V]` logits.
+            sample_weight: `[B, L]`, 0 where a position has no target.
+            training: whether this is a training step (routing statistics are logged only then).
+
+        Returns:
+            float32 scalar, the total loss.
+        """
+        del x
+        losses = language_model_losses(y, y_pred, sample_weight)
+        data_loss = losses.cross_entropy
+        if self._data_loss is not None:
+            data_loss = ops.cast(self._data_loss(y, y_pred, sample_weight), "float32")
+        z_loss = self.z_loss_weight * losses.z_loss
+        aux_loss = ops.zeros((), "float32")
+        for layer_loss in self.losses:
+            aux_loss = aux_loss + ops.cast(ops.sum(layer_loss), "float32")
+        total = data_loss + z_loss + aux_loss
+
+        if not hasattr(self, "_loss_term_trackers"):  # Not compiled: nothing to log.
+            return total
+        trackers = {**self._loss_term_trackers, **self._routing_trackers}
+        values = {"cross_entropy": data_loss, "z_loss": z_loss, "aux_loss": aux_loss}
+        if training and self._routing_trackers:
+            values.update(routing_statistics(self.backbone.moe_layers))
+        # Weighted by the batch's target tokens, so that an epoch's value is the mean over all
+        # its tokens (batches may differ in real tokens: the last held-out batch, padding).
+        if sample_weight is None:
+            tokens = ops.cast(ops.size(y), "float32")
+        else:
+            tokens = ops.sum(ops.cast(sample_weight, "float32"))
+        for name, value in values.items():
+            finite = ops.isfinite(value)
+            trackers[name].update_state(
+                ops.where(finite, value, 0.0), sample_weight=ops.where(finite, tokens, 0.0)
+            )
+        # Read by `get_metrics_result`, which Keras calls after `compute_loss` in every
+        # train and test step, while tracing the same step function.
+        self._routing_statistics_in_logs = bool(training and self._routing_trackers)
+        return total
+
+    def get_metrics_result(self):
+        """The logged metrics; routing statistics only after a training step (see `compile`)."""
+        results = super().get_metrics_result()
+        if not self._routing_statistics_in_logs:
+            for name in getattr(self, "_routing_trackers", {}):
+                results.pop(name, None)
+        return results
+
+    @preset_loading.classproperty
+    def presets(cls):
+        return preset_loading.preset_metadata()
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, revision=None, **kwargs):
+        """Build a GLaM causal LM from a builtin preset name, a directory or an `hf://` handle.
+
+        Builtin presets are architectures with random initialisation (no GLaM weights exist);
+        small ones come with the shipped tokenizer, paper-size ones with `preprocessor=None`
+        unless one is passed. Backbone arguments (`dtype`, `capacity_factor`, ...) and
+        preprocessor arguments (`sequence_length`) may be given as keyword arguments.
+        """
+        if preset_loading.builtin_backbone_config(preset) is None:
+            preset = preset_loading.resolve_handle(preset, revision)
+            return super().from_preset(preset, load_weights=load_weights, **kwargs)
+        backbone_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _BACKBONE_ARGUMENTS}
+        preprocessor_kwargs = {
+            k: kwargs.pop(k) for k in ("sequence_length", "add_start_token", "add_end_token")
+            if k in kwargs
+        }
+        backbone = GLaMBackbone.from_preset(preset, **backbone_kwargs)
+        if "preprocessor" not in kwargs and preset_loading.builtin_vocabulary_path(preset):
+            kwargs["preprocessor"] = GLaMCausalLMPreprocessor.from_preset(
+                preset, **preprocessor_kwargs
+            )
+        return cls(backbone=backbone, **kwargs)
+
+
+def _check_vocabularies_match(backbone, preprocessor):
+    tokenizer = getattr(preprocessor, "tokenizer", None)
+    # While keras-hub loads a preset, the task is built before the vocabulary is read: nothing
+    # to compare yet (a saved preset's parts were saved together).
+    if tokenizer is None or getattr(tokenizer, "proto", None) is None:
+        return
+    size = tokenizer.vocabulary_size()
+    if size != backbone.vocabulary_size:
+        raise ValueError(
+            f"The tokenizer has {size} tokens but the backbone's vocabulary_size is "
+            f"{backbone.vocabulary_size}: token ids and embedding rows would not correspond. "
+            "Use the tokenizer the model was trained with, or build the backbone with "
+            f"vocabulary_size={size}."
+        )

@@ -1,0 +1,436 @@
+"""A fault-tolerant training driver: `fit` in checkpointed chunks, exact resume, rollback.
+
+`Trainer` runs Keras' own `model.fit` with one *epoch* per checkpoint interval. The data stream
+of a run is a function of `(seed, data_stream)` and is entered at `data_position` (batches
+already consumed), so a training state is fully described by the model's variables, the
+optimizer's variables and a few integers; those are written as an atomic checkpoint after every
+healthy chunk (`keras_glam.training.checkpointing`). Resuming after a crash and rolling back after
+divergence are then the same operation: restore a checkpoint, rebuild the stream, skip to the
+position. Training itself is deterministic (no dropout; GShard routing has no noise), so a run
+killed with `kill -9` and resumed ends with the same weights as an uninterrupted run.
+
+Health checks, after GLaM's practice (skip bad steps; on repeated trouble restart from an earlier
+healthy checkpoint on different data):
+
+- `max_consecutive_skipped_steps` skipped steps in a row (non-finite gradients) end the chunk;
+- a chunk whose mean training cross-entropy exceeds `loss_spike_factor` times that of the last
+  healthy chunk, or in which every step was skipped, is a failure;
+- after a failure, training rolls back to the newest checkpoint and continues with a new data
+  order (`data_stream + 1`); a second failure in a row goes one checkpoint further back;
+  more than `max_rollbacks` rollbacks in one run raise `TrainingDivergedError`.
+"""
+
+import contextlib
+import dataclasses
+import logging
+import math
+
+import keras
+import numpy as np
+
+from keras_glam.training.callbacks import CheckpointObserver
+from keras_glam.training.callbacks import ExpertLoadRecorder
+from keras_glam.training.callbacks import TrainingProgress
+from keras_glam.training.callbacks import skipped_steps
+from keras_glam.training.checkpointing import CheckpointManager
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training kept failing its health checks after the allowed number of rollbacks."""
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """Everything besides the variables that a checkpoint must hold to continue exactly.
+
+    Attributes:
+        step: training steps done (applied or skipped), the global step.
+        data_position: batches consumed from the current data stream.
+        data_stream: which data order is in use; a rollback moves to the next one.
+        seed: the run's seed; stream `s` is seeded with `data_seed(seed, s)`.
+        rollbacks: rollbacks so far in this run.
+        consecutive_failures: failed chunks since the last healthy one.
+        rollback_step: the step the last rollback went back to (a second failure in a row goes
+            further back than this), or None.
+        last_healthy_cross_entropy: mean training cross-entropy of the last healthy chunk.
+        chunk_logs: one dict of Keras epoch logs (with `step`) per healthy chunk.
+        step_losses: `[step, loss]` of every step of the healthy chunks.
+        expert_load: `[step, fractions]` per healthy chunk, `fractions` `[MoE layers][E]`.
+        events: human-readable notes (rollbacks).
+    """
+
+    step: int = 0
+    data_position: int = 0
+    data_stream: int = 0
+    seed: int = 0
+    rollbacks: int = 0
+    consecutive_failures: int = 0
+    rollback_step: int = None
+    last_healthy_cross_entropy: float = None
+    chunk_logs: list = dataclasses.field(default_factory=list)
+    step_losses: list = dataclasses.field(default_factory=list)
+    expert_load: list = dataclasses.field(default_factory=list)
+    events: list = dataclasses.field(default_factory=list)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+def data_seed(seed, data_stream):
+    """The seed of data stream `data_stream` of a run seeded with `seed` (independent streams)."""
+    return int(np.random.SeedSequence([seed, data_stream]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class Trainer:
+    """Trains a compiled `GLaMCausalLM` (or any Keras LM) with checkpoints, resume and rollback.
+
+    Args:
+        model: a compiled Keras model taking `{"token_ids", "padding_mask"}` batches.
+        make_dataset: callable `(seed, skip_batches) -> tf.data.Dataset` of `(x, y,
+            sample_weight)` batches; it must repeat forever and be deterministic given `seed`
+            (e.g. `functools.partial(keras_glam.data.packed_lm_dataset, ..., repeat=True)`
+            called as `make_dataset(seed=..., skip_batches=...)`).
+        total_steps: int, training steps of the whole run.
+        checkpoint_dir: directory of the training-state checkpoints.
+        checkpoint_interval: int, steps per chunk (one Keras epoch) and between checkpoints.
+        max_checkpoints: int, checkpoints kept (the newest ones).
+        seed: int, seeds the data streams.
+        validation_data: optional dataset evaluated at the end of every chunk (`val_*` logs).
+        resume: bool. True continues from the newest valid checkpoint in `checkpoint_dir` (or
+            starts if there is none); False refuses a directory that already holds checkpoints.
+        max_consecutive_skipped_steps: int, skipped steps in a row that fail a chunk.
+        loss_spike_factor: float > 1, see the module docstring.
+        max_rollbacks: int, rollbacks allowed in one run.
+        callbacks: more Keras callbacks, called after the trainer's own (so a
+            `keras.callbacks.TensorBoard` here sees `skipped_steps` and `tokens_per_second`).
+            Callbacks subclassing `CheckpointObserver` also hear of every checkpoint.
+        verbose: `fit` verbosity (`"auto"`, 0, 1, 2).
+
+    Example:
+    ```python
+    make_dataset = lambda seed, skip_batches: keras_glam.data.packed_lm_dataset(
+        train_documents, lm.preprocessor.tokenizer, sequence_length=128, batch_size=16,
+        seed=seed, repeat=True, skip_batches=skip_batches)
+    trainer = Trainer(lm, make_dataset, total_steps=600, checkpoint_dir="run/checkpoints",
+                      checkpoint_interval=50)
+    state = trainer.fit()
+    ```
+    """
+
+    def __init__(
+        self,
+        model,
+        make_dataset,
+        total_steps,
+        checkpoint_dir,
+        *,
+        checkpoint_interval=100,
+        max_checkpoints=3,
+        seed=0,
+        validation_data=None,
+        resume=True,
+        max_consecutive_skipped_steps=5,
+        loss_spike_factor=1.5,
+        max_rollbacks=3,
+        callbacks=(),
+        verbose="auto",
+    ):
+        for name, value in (
+            ("total_steps", total_steps),
+            ("checkpoint_interval", checkpoint_interval),
+            ("max_consecutive_skipped_steps", max_consecutive_skipped_steps),
+        ):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"`{name}` must be an integer >= 1. Received: {value!r}")
+        if not (isinstance(max_rollbacks, int) and max_rollbacks >= 0):
+            raise ValueError(f"`max_rollbacks` must be an integer >= 0. Received: {max_rollbacks!r}")
+        if not loss_spike_factor > 1:
+            raise ValueError(
+                f"`loss_spike_factor` must be > 1. Received: loss_spike_factor={loss_spike_factor}"
+            )
+        if not getattr(model, "compiled", False):
+            raise ValueError(
+                "Compile the model before training: `lm.compile()` gives GLaM's recipe."
+            )
+        self.model = model
+        self.make_dataset = make_dataset
+        self.total_steps = total_steps
+        self.checkpoint_interval = checkpoint_interval
+        self.seed = seed
+        self.validation_data = validation_data
+        self.resume = resume
+        self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
+        self.loss_spike_factor = loss_spike_factor
+        self.max_rollbacks = max_rollbacks
+        self.callbacks = list(callbacks)
+        self.verbose = verbose
+        self.manager = CheckpointManager(checkpoint_dir, max_to_keep=max_checkpoints)
+        self.tokens_per_step = None
+
+    def fit(self):
+        """Train to `total_steps`, resuming and rolling back as needed.
+
+        Returns:
+            The final `TrainingState` (with the per-chunk logs and per-step losses of the run).
+        """
+        if not self.resume and self.manager.checkpoints():
+            raise FileExistsError(
+                f"{self.manager.directory} already holds checkpoints of an earlier run; they "
+                "are kept. Resume from them (`resume=True`) or choose another directory."
+            )
+        self.tokens_per_step = check_training_batches(
+            self.make_dataset(seed=data_seed(self.seed, 0), skip_batches=0), self.model
+        )
+        if self.validation_data is not None:
+            check_training_batches(self.validation_data, self.model, "validation data")
+        state = self._initial_state()
+        while state.step < self.total_steps:
+            failure = self._run_segment(state)
+            if failure is not None:
+                state = self._roll_back(state, failure)
+        return state
+
+    def _initial_state(self):
+        checkpoint = self.manager.latest() if self.resume else None
+        if checkpoint is None:
+            state = TrainingState(seed=self.seed)
+            self._save(state)
+            return state
+        state = TrainingState.from_dict(self.manager.restore(checkpoint, self.model))
+        if state.seed != self.seed:
+            raise ValueError(
+                f"The checkpoint {checkpoint.path} was written by a run with seed {state.seed}, "
+                f"this Trainer has seed={self.seed}: resuming would change the data order. Use "
+                "the same seed, or another checkpoint directory for a new run."
+            )
+        logger.warning(
+            "Resuming from %s (step %d, data stream %d, position %d).",
+            checkpoint.path,
+            state.step,
+            state.data_stream,
+            state.data_position,
+        )
+        return state
+
+    def _run_segment(self, state):
+        """One `fit` call from `state.step` over as many whole chunks as remain (or the final
+        partial chunk). Updates `state` after every healthy chunk; returns a failure or None."""
+        remaining = self.total_steps - state.step
+        steps_per_epoch = min(self.checkpoint_interval, remaining)
+        first_epoch = state.step // self.checkpoint_interval
+        epochs = max(remaining // self.checkpoint_interval, 1)
+        dataset = self.make_dataset(
+            seed=data_seed(self.seed, state.data_stream), skip_batches=state.data_position
+        )
+        progress = TrainingProgress(tokens_per_step=self.tokens_per_step, initial_step=state.step)
+        expert_load = ExpertLoadRecorder(initial_step=state.step)
+        monitor = _ChunkMonitor(self, state, progress, expert_load)
+        with _preprocessor_bypassed(self.model):
+            self.model.fit(
+                dataset,
+                steps_per_epoch=steps_per_epoch,
+                initial_epoch=first_epoch,
+                epochs=first_epoch + epochs,
+                validation_data=self.validation_data,
+                callbacks=[progress, expert_load, monitor, *self.callbacks],
+                verbose=self.verbose,
+            )
+        return monitor.failure
+
+    def evaluate(self, dataset):
+        """`model.evaluate` on batches of token ids (as `fit` gets them); returns the logs dict."""
+        with _preprocessor_bypassed(self.model):
+            return self.model.evaluate(dataset, return_dict=True, verbose=0)
+
+    def _save(self, state):
+        checkpoint = self.manager.save(self.model, state.to_dict())
+        logger.info("Saved checkpoint %s (step %d).", checkpoint.path, checkpoint.step)
+        for callback in self.callbacks:
+            if isinstance(callback, CheckpointObserver):
+                callback.on_checkpoint_saved(checkpoint)
+        return checkpoint
+
+    def _roll_back(self, state, failure):
+        rollbacks = state.rollbacks + 1
+        consecutive_failures = state.consecutive_failures + 1
+        if rollbacks > self.max_rollbacks:
+            raise TrainingDivergedError(
+                f"Training failed its health checks again at step {state.step} ({failure}) "
+                f"after {self.max_rollbacks} rollbacks. Lower the learning rate, check the data "
+                "for corrupt documents, or raise `max_rollbacks` / `loss_spike_factor`."
+            )
+        candidates = self.manager.valid_checkpoints()
+        if consecutive_failures > 1 and state.rollback_step is not None:
+            candidates = [c for c in candidates if c.step < state.rollback_step]
+        if not candidates:
+            raise TrainingDivergedError(
+                f"Training failed at step {state.step} ({failure}) and no earlier healthy "
+                "checkpoint is left to roll back to. Lower the learning rate or check the data; "
+                "keep more checkpoints with `max_checkpoints`."
+            )
+        target = candidates[0]
+        restored = TrainingState.from_dict(self.manager.restore(target, self.model))
+        note = (
+            f"step {state.step}: {failure}; rolled back to step {target.step} "
+            f"({target.path}), continuing on data stream {state.data_stream + 1}"
+        )
+        logger.warning("Rollback %d: %s.", rollbacks, note)
+        restored.data_stream = state.data_stream + 1
+        restored.data_position = 0
+        restored.rollbacks = rollbacks
+        restored.consecutive_failures = consecutive_failures
+        restored.rollback_step = target.step
+        restored.events = state.events + [note]
+        self._save(restored)
+        return restored
+
+
+@contextlib.contextmanager
+def _preprocessor_bypassed(model):
+    """The batches are token ids already: detach a KerasHub task's preprocessor meanwhile
+    (KerasHub's documented way to feed preprocessed data is `task.preprocessor = None`)."""
+    preprocessor = getattr(model, "preprocessor", None)
+    if preprocessor is None:
+        yield
+        return
+    model.preprocessor = None
+    try:
+        yield
+    finally:
+        model.preprocessor = preprocessor
+
+
+class _ChunkMonitor(keras.callbacks.Callback):
+    """Checks every chunk's health, then advances the state and checkpoints, or stops `fit`."""
+
+    def __init__(self, trainer, state, progress, expert_load):
+        super().__init__()
+        self.trainer = trainer
+        self.state = state
+        self.progress = progress
+        self.expert_load = expert_load
+        self.failure = None
+        self._skipped_at_epoch_start = 0
+        self._skipped_so_far = 0
+        self._consecutive_skips = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._skipped_at_epoch_start = skipped_steps(self.model) or 0
+        self._skipped_so_far = self._skipped_at_epoch_start
+        self._consecutive_skips = 0
+        self.progress.step_history.clear()
+        self.expert_load.history.clear()
+
+    def on_train_batch_end(self, batch, logs=None):
+        skipped = skipped_steps(self.model) or 0
+        self._consecutive_skips = self._consecutive_skips + 1 if skipped > self._skipped_so_far else 0
+        self._skipped_so_far = skipped
+        if self._consecutive_skips >= self.trainer.max_consecutive_skipped_steps:
+            self.failure = f"{self._consecutive_skips} consecutive steps with non-finite gradients"
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        steps = self.params["steps"]
+        cross_entropy = logs.get("cross_entropy", logs.get("loss"))
+        baseline = self.state.last_healthy_cross_entropy
+        if self.failure is None:
+            if self._skipped_so_far - self._skipped_at_epoch_start >= steps:
+                self.failure = "every step of the chunk had non-finite gradients"
+            elif cross_entropy is None or not math.isfinite(cross_entropy):
+                self.failure = f"non-finite training loss ({cross_entropy})"
+            elif baseline is not None and cross_entropy > self.trainer.loss_spike_factor * baseline:
+                self.failure = (
+                    f"loss spike: chunk cross-entropy {cross_entropy:.4f} > "
+                    f"{self.trainer.loss_spike_factor} x {baseline:.4f} (last healthy chunk)"
+                )
+        if self.failure is not None:
+            self.model.stop_training = True
+            return
+        state = self.state
+        state.step += steps
+        state.data_position += steps
+        state.consecutive_failures = 0
+        state.last_healthy_cross_entropy = float(cross_entropy)
+        state.chunk_logs.append({"step": state.step, **{k: float(v) for k, v in logs.items()}})
+        state.step_losses.extend([step, loss] for step, loss in self.progress.step_history)
+        state.expert_load.extend(
+            [step, fractions.tolist()] for step, fractions in self.expert_load.history
+        )
+        self.trainer._save(state)
+
+
+def check_training_batches(dataset, model, description="training data"):
+    """Check a dataset's first batch against the model, before anything is compiled.
+
+    Args:
+        dataset: a `tf.data.Dataset` (or iterable) of `(x, y, sample_weight)` or `(x, y)`
+            batches with `x = {"token_ids": [B, L], "padding_mask": [B, L]}`.
+        model: the language model (its `backbone` gives the vocabulary and routing groups).
+        description: what the dataset is, for error messages.
+
+    Returns:
+        int, the tokens in one batch (`B * L`).
+
+    Raises:
+        ValueError: naming what does not fit and how to fix it.
+    """
+    batch = next(iter(dataset), None)
+    if batch is None:
+        raise ValueError(f"The {description} is empty: it yields no batch.")
+    if not (isinstance(batch, (tuple, list)) and len(batch) in (2, 3)):
+        raise ValueError(
+            f"Each {description} batch must be `(x, y)` or `(x, y, sample_weight)`, as "
+            "`keras_glam.data.packed_lm_dataset` yields; got "
+            f"{type(batch).__name__} of length {len(batch) if hasattr(batch, '__len__') else '?'}."
+        )
+    x, y = batch[0], batch[1]
+    if not (isinstance(x, dict) and {"token_ids", "padding_mask"} <= set(x)):
+        raise ValueError(
+            f"The inputs of a {description} batch must be a dict with 'token_ids' and "
+            f"'padding_mask'; got {type(x).__name__}"
+            + (f" with keys {sorted(x)}" if isinstance(x, dict) else "")
+            + "."
+        )
+    arrays = {"token_ids": x["token_ids"], "padding_mask": x["padding_mask"], "y": y}
+    if len(batch) == 3 and batch[2] is not None:
+        arrays["sample_weight"] = batch[2]
+    arrays = {name: np.asarray(value) for name, value in arrays.items()}
+    shape = arrays["token_ids"].shape
+    if len(shape) != 2:
+        raise ValueError(
+            f"token_ids of a {description} batch must have shape [batch, length]; got "
+            f"{shape}. Batch the rows (`dataset.batch(batch_size)`), once."
+        )
+    for name, value in arrays.items():
+        if value.shape != shape:
+            raise ValueError(
+                f"'{name}' of a {description} batch has shape {value.shape}, but token_ids "
+                f"has {shape}: every tensor of a batch must be [batch, length]."
+            )
+    vocabulary_size = model.backbone.vocabulary_size
+    for name in ("token_ids", "y"):
+        values = arrays[name]
+        if not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"'{name}' of a {description} batch must be integer token ids.")
+        if values.size and (values.min() < 0 or values.max() >= vocabulary_size):
+            raise ValueError(
+                f"'{name}' of a {description} batch holds ids from {values.min()} to "
+                f"{values.max()}, outside the model's vocabulary [0, {vocabulary_size}). The data "
+                "was tokenized with another vocabulary: use the model's own tokenizer."
+            )
+    groups = getattr(model.backbone, "num_routing_groups", None)
+    if groups and (shape[0] * shape[1]) % groups:
+        raise ValueError(
+            f"A {description} batch has {shape[0]} x {shape[1]} tokens, which cannot be split "
+            f"into the model's num_routing_groups={groups} equal routing groups. Change the "
+            "batch size or sequence length."
+        )
+    return int(shape[0] * shape[1])

@@ -1,0 +1,156 @@
+import keras
+import numpy as np
+import pytest
+
+import keras_glam
+
+
+def _lm(config, **kwargs):
+    return keras_glam.GLaMCausalLM(keras_glam.GLaMBackbone(**config, **kwargs))
+
+
+def _inputs(token_ids, padding_mask=None):
+    token_ids = np.asarray(token_ids, "int32")
+    if padding_mask is None:
+        padding_mask = np.ones_like(token_ids)
+    return {"token_ids": token_ids, "padding_mask": np.asarray(padding_mask, "int32")}
+
+
+def test_logits_are_the_tied_embedding_scaled_by_inverse_sqrt_hidden(tiny_config):
+    lm = _lm(tiny_config)
+    inputs = _inputs([[1, 2, 3]])
+    hidden = np.asarray(lm.backbone(inputs))
+    table = np.asarray(lm.backbone.token_embedding.embeddings)
+    expected = hidden * tiny_config["hidden_dim"] ** -0.5 @ table.T
+    logits = lm(inputs)
+    assert logits.dtype == "float32"
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decoding_equals_the_full_forward_pass(tiny_config):
+    lm = _lm(tiny_config)
+    token_ids = np.random.default_rng(0).integers(1, 97, size=(2, 9)).astype("int32")
+    full = np.asarray(lm(_inputs(token_ids)))
+    cache = keras.ops.zeros((2, tiny_config["num_layers"], 2, 9, 2, 8))
+    # Prompt of 4 in one call, then one token at a time.
+    logits, _, cache = lm.call_with_cache(token_ids[:, :4], cache, 0)
+    steps = [np.asarray(logits)]
+    for index in range(4, 9):
+        logits, _, cache = lm.call_with_cache(token_ids[:, index : index + 1], cache, index)
+        steps.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5)
+
+
+def test_greedy_generation_equals_a_step_by_step_argmax_of_full_passes(tiny_config):
+    lm = _lm(tiny_config)
+    lm.compile(sampler="greedy")
+    prompt = [5, 6, 7]
+    tokens = list(prompt)
+    for _ in range(6):
+        logits = np.asarray(lm(_inputs([tokens])))
+        tokens.append(int(np.argmax(logits[0, -1])))
+    length = 9
+    padded = np.zeros((1, length), "int32")
+    padded[0, :3] = prompt
+    mask = np.zeros((1, length), bool)
+    mask[0, :3] = True
+    out = lm.generate({"token_ids": padded, "padding_mask": mask}, stop_token_ids=None)
+    assert out["token_ids"][0].tolist() == tokens
+
+
+@pytest.mark.parametrize("sampler", ["top_k", "top_p", "random", "beam"])
+def test_every_keras_hub_sampler_generates_valid_tokens(tiny_config, sampler):
+    lm = _lm(tiny_config)
+    lm.compile(sampler=sampler)
+    padded = np.zeros((2, 8), "int32")
+    padded[:, :2] = [[3, 4], [5, 6]]
+    mask = padded != 0
+    out = lm.generate({"token_ids": padded, "padding_mask": mask}, stop_token_ids=None)
+    ids = np.asarray(out["token_ids"])
+    assert ids.shape == (2, 8)
+    np.testing.assert_array_equal(ids[:, :2], padded[:, :2])
+    assert ids.min() >= 0 and ids.max() < tiny_config["vocabulary_size"]
+
+
+def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy(tiny_config):
+    lm = _lm(tiny_config)
+
+    def log_prob(tokens, prompt_length):
+        logits = np.asarray(lm(_inputs([tokens])))[0].astype("float64")
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        return sum(logp[i - 1, tokens[i]] for i in range(prompt_length, len(tokens)))
+
+    padded = np.zeros((1, 7), "int32")
+    padded[0, :2] = [8, 9]
+    inputs = {"token_ids": padded, "padding_mask": padded != 0}
+    lm.compile(sampler="greedy")
+    greedy = np.asarray(lm.generate(inputs, stop_token_ids=None)["token_ids"])[0].tolist()
+    lm.compile(sampler=keras_glam_beam(num_beams=4))
+    beam = np.asarray(lm.generate(inputs, stop_token_ids=None)["token_ids"])[0].tolist()
+    assert log_prob(beam, 2) >= log_prob(greedy, 2) - 1e-6
+
+
+def keras_glam_beam(num_beams):
+    import keras_hub
+
+    return keras_hub.samplers.BeamSampler(num_beams=num_beams)
+
+
+def test_generation_stops_at_a_stop_token(tiny_config):
+    lm = _lm(tiny_config)
+    lm.compile(sampler="greedy")
+    padded = np.zeros((1, 10), "int32")
+    padded[0, :2] = [3, 4]
+    inputs = {"token_ids": padded, "padding_mask": padded != 0}
+    free = np.asarray(lm.generate(inputs, stop_token_ids=None)["token_ids"])[0]
+    stop = int(free[3])  # the second generated token
+    out = lm.generate(inputs, stop_token_ids=[stop])
+    first_stop = next(i for i in range(2, 10) if free[i] == stop)
+    expected = [i <= first_stop for i in range(10)]
+    assert np.asarray(out["padding_mask"])[0].tolist() == expected
+
+
+def test_generate_rejects_out_of_range_prompt_ids(tiny_config):
+    lm = _lm(tiny_config)
+    padded = np.array([[3, 500, 0, 0]], "int32")
+    with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 97\)"):
+        lm.generate({"token_ids": padded, "padding_mask": padded != 0}, stop_token_ids=None)
+
+
+def test_mixed_bfloat16_keeps_logits_router_and_attention_in_float32(tiny_config):
+    lm = _lm(tiny_config, dtype="mixed_bfloat16")
+    logits = lm(_inputs([[1, 2, 3]]))
+    assert logits.dtype == "float32"
+    assert {w.dtype for w in lm.backbone.trainable_weights} == {"float32"}
+    reference = _lm(tiny_config)
+    reference.set_weights(lm.get_weights())
+    np.testing.assert_allclose(
+        np.asarray(logits), np.asarray(reference(_inputs([[1, 2, 3]]))), atol=0.15
+    )
+
+
+def test_lora_trains_only_adapters_and_keeps_outputs_at_start(tiny_config):
+    lm = _lm(tiny_config)
+    inputs = _inputs([[1, 2, 3, 4]])
+    before = np.asarray(lm(inputs))
+    lm.backbone.enable_lora(rank=2)
+    np.testing.assert_allclose(np.asarray(lm(inputs)), before, atol=1e-6)
+    trainable = {w.path for w in lm.trainable_weights}
+    assert trainable and all("lora" in path for path in trainable)
+
+
+def test_int8_quantization_runs_and_stays_close(tiny_config):
+    lm = _lm(tiny_config)
+    inputs = _inputs([[1, 2, 3, 4, 5]])
+    before = np.asarray(lm(inputs))
+    lm.quantize("int8")
+    after = np.asarray(lm(inputs))
+    assert any(w.dtype == "int8" for w in lm.weights)
+    expert_kernels = [w for w in lm.weights if "expert_wi" in w.path]
+    assert any(w.dtype == "int8" for w in expert_kernels)
+    np.testing.assert_allclose(after, before, atol=0.2 * np.abs(before).max())
+    lm.compile(sampler="greedy")
+    padded = np.zeros((1, 6), "int32")
+    padded[0, :2] = [3, 4]
+    out = lm.generate({"token_ids": padded, "padding_mask": padded != 0}, stop_token_ids=None)
+    assert np.asarray(out["token_ids"]).shape == (1, 6)
