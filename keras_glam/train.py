@@ -1,11 +1,12 @@
 """Train GLaM the paper's way: `python -m keras_glam.train` (or the `glam-train` command).
 
-With no arguments, offline, in about 10 minutes on two CPU cores, it trains the small MoE preset
+With no arguments, offline, in 5 to 11 minutes on two CPU cores (about 650 s measured on two
+cores shared with other jobs), it trains the small MoE preset
 `glam_small_16e` on Python's own documentation (`pydoc_data.topics`, held-out split by whole
 documents), then writes to `--output` (default `glam_run/`):
 
 - `checkpoints/`: atomic training-state checkpoints (resume with `--resume`, also after kill -9),
-- `preset/`: the trained model, loadable with `keras_glam.GLaMCausalLM.from_preset("glam_run/preset")`,
+- `preset/`: the trained model (`keras_glam.GLaMCausalLM.from_preset("glam_run/preset")`),
 - `training.png`: loss curves (train and held-out) and the per-layer expert load,
 - `metrics.json`: held-out cross-entropy, the unigram-entropy baseline, tokens seen, tokens/s,
   steps, skipped steps and rollbacks,
@@ -14,9 +15,9 @@ documents), then writes to `--output` (default `glam_run/`):
 It follows GLaM's recipe (`keras_glam.training.recipe`): packed rows with attention masked at
 document boundaries, Adafactor with `rsqrt(max(step, warmup))`, z-loss 1e-4, load-balance loss
 0.01 per MoE layer, top-2 routing with capacity factor 2, non-finite steps skipped. Only the
-scale differs, for a 10-minute CPU run: rows of 128 tokens instead of 1024, 8 rows per batch
-instead of ~1000, and the constant phase of the learning rate shortened from 10000 steps (rate
-0.01) to 100 steps at rate 0.05 (GLaM's 0.01 learns too slowly in a few hundred steps); the rate
+scale differs, for a few minutes of CPU: 400 steps of 8 rows of 128 tokens (GLaM: rows of 1024,
+~1M tokens per batch), and the constant phase of the learning rate shortened from 10000 steps
+at 0.01 to 100 steps at 0.05 (GLaM's 0.01 learns too slowly in a few hundred steps); the rate
 then decays as `1/sqrt(step)` exactly as GLaM's does. `--warmup-steps 10000` with no
 `--learning-rate` is GLaM's schedule.
 
@@ -29,6 +30,8 @@ import argparse
 import codecs
 import dataclasses
 import functools
+import glob
+import importlib.util
 import json
 import logging
 import math
@@ -38,17 +41,37 @@ import sys
 import time
 import uuid
 
-logger = logging.getLogger("keras_glam.train")
+import keras
+import keras_hub
+import numpy as np
+import tensorflow as tf
+
+from keras_glam.data.embedded_corpus import pydoc_documents
+from keras_glam.data.embedded_corpus import split_documents
+from keras_glam.data.packing import packed_lm_dataset
+from keras_glam.data.text_sources import text_files
+from keras_glam.distribution import MESH_AXES
+from keras_glam.distribution import expert_parallel
+from keras_glam.models import preset_loading
+from keras_glam.models.glam_causal_lm import GLaMCausalLM
+from keras_glam.models.glam_causal_lm_preprocessor import GLaMCausalLMPreprocessor
+from keras_glam.models.glam_tokenizer import GLaMTokenizer
+from keras_glam.models.parameter_count import count_params
+from keras_glam.training.callbacks import skipped_steps
+from keras_glam.training.plots import plot_training
+from keras_glam.training.recipe import MIXED_PRECISION_POLICY
+from keras_glam.training.recipe import glam_optimizer
+from keras_glam.training.trainer import Trainer
 
 DEFAULT_PRESET = "glam_small_16e"
 DEFAULT_SEQUENCE_LENGTH = 128
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_STEPS = 500
+DEFAULT_STEPS = 400
 DEFAULT_WARMUP_STEPS = 100
 DEFAULT_LEARNING_RATE = 0.05
 DEFAULT_CHECKPOINT_INTERVAL = 50
 HELD_OUT_FRACTION = 0.2
-SAMPLE_PROMPTS = ("The ", "def ", "If the ", "Note that ")
+SAMPLE_PROMPTS = ("The ", "If the ", "Note that ", "For example, ")
 
 
 @dataclasses.dataclass
@@ -77,122 +100,110 @@ class TrainingJob:
     verbose: object = "auto"
 
 
+QUICK_SETTINGS = {
+    "preset": "glam_tiny_8e",
+    "sequence_length": 32,
+    "batch_size": 4,
+    "steps": 6,
+    "checkpoint_interval": 3,
+    "samples": 2,
+    "sample_length": 12,
+}
+
+
 def parse_args(argv=None):
-    """The command line as a `TrainingJob`."""
+    """The command line as a `TrainingJob` (flags given explicitly override `--quick`)."""
+    defaults = TrainingJob()
     parser = argparse.ArgumentParser(
         prog="glam-train",
         description="Train a GLaM mixture-of-experts language model with GLaM's recipe.",
+        argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--output", default=TrainingJob.output, help="output directory")
+    parser.add_argument("--output", help=f"output directory (default: {defaults.output})")
     parser.add_argument(
         "--preset",
-        default=DEFAULT_PRESET,
-        help="builtin preset name or preset directory (default: %(default)s)",
+        help=f"builtin preset name or preset directory (default: {DEFAULT_PRESET})",
     )
     parser.add_argument(
         "--data",
         nargs="+",
-        default=(),
         metavar="FILE",
         help="UTF-8 text files or glob patterns to train on (default: Python's documentation)",
     )
     parser.add_argument(
         "--document-boundary",
-        default="blank_line",
         choices=("blank_line", "line", "file"),
-        help="how --data files split into documents (default: %(default)s)",
+        help="how --data files split into documents (default: blank_line, i.e. paragraphs)",
+    )
+    parser.add_argument("--vocabulary", help="a SentencePiece .spm file (default: the preset's)")
+    parser.add_argument(
+        "--sequence-length", type=int, help=f"tokens per row (default: {DEFAULT_SEQUENCE_LENGTH})"
     )
     parser.add_argument(
-        "--vocabulary",
-        help="a SentencePiece .spm file (default: the preset's tokenizer)",
+        "--batch-size", type=int, help=f"rows per batch (default: {DEFAULT_BATCH_SIZE})"
     )
-    parser.add_argument("--sequence-length", type=int, default=DEFAULT_SEQUENCE_LENGTH)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--steps", type=int, help=f"training steps (default: {DEFAULT_STEPS})")
     parser.add_argument(
         "--learning-rate",
         type=float,
-        default=None,
         help=(
-            "constant rate during warm-up, then decayed as 1/sqrt(step) "
-            f"(default: {DEFAULT_LEARNING_RATE}; with --warmup-steps given alone, GLaM's "
-            "1/sqrt(warmup-steps))"
+            "rate during the constant phase, then decayed as 1/sqrt(step) (default: "
+            f"{DEFAULT_LEARNING_RATE}; with only --warmup-steps given, GLaM's 1/sqrt(warmup))"
         ),
     )
     parser.add_argument(
         "--warmup-steps",
         type=int,
-        default=None,
         help=f"steps at the constant rate (default: {DEFAULT_WARMUP_STEPS}; GLaM: 10000)",
     )
     parser.add_argument(
-        "--checkpoint-interval", type=int, default=DEFAULT_CHECKPOINT_INTERVAL, metavar="STEPS"
+        "--checkpoint-interval",
+        type=int,
+        metavar="STEPS",
+        help=f"steps between checkpoints (default: {DEFAULT_CHECKPOINT_INTERVAL})",
     )
-    parser.add_argument("--keep-checkpoints", type=int, default=3)
-    parser.add_argument("--held-out-fraction", type=float, default=HELD_OUT_FRACTION)
+    parser.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default: 3)")
+    parser.add_argument(
+        "--held-out-fraction",
+        type=float,
+        help=f"share of whole documents held out (default: {HELD_OUT_FRACTION})",
+    )
     parser.add_argument(
         "--mixed-precision",
         action="store_true",
         help="bfloat16 activations, float32 weights (GLaM's setting)",
     )
     parser.add_argument(
-        "--mesh", help="device mesh, e.g. data=2,expert=4 (distributed training: not yet supported)"
+        "--mesh",
+        help=(
+            "device mesh over the axes data, expert, model, e.g. data=2,expert=4 "
+            "(keras_glam.distribution.expert_parallel; default: one device)"
+        ),
     )
     parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest valid checkpoint in --output",
+        "--resume", action="store_true", help="continue from the newest valid checkpoint"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples", type=int, default=len(SAMPLE_PROMPTS))
-    parser.add_argument("--sample-length", type=int, default=64, metavar="TOKENS")
+    parser.add_argument("--seed", type=int, help="seeds initialisation and data order (default: 0)")
+    parser.add_argument(
+        "--samples", type=int, help=f"samples printed at the end (default: {len(SAMPLE_PROMPTS)})"
+    )
+    parser.add_argument(
+        "--sample-length", type=int, metavar="TOKENS", help="tokens per sample (default: 64)"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a seconds-long smoke run: tiny preset, 6 steps of 4 x 32 tokens",
+        help="a smoke run in seconds: glam_tiny_8e, 6 steps of 4 x 32 tokens",
     )
-    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None)
-    args = parser.parse_args(argv)
-
-    learning_rate, warmup_steps = args.learning_rate, args.warmup_steps
-    if warmup_steps is None:
-        warmup_steps = DEFAULT_WARMUP_STEPS
-        if learning_rate is None:
-            learning_rate = DEFAULT_LEARNING_RATE
-    job = TrainingJob(
-        output=args.output,
-        preset=args.preset,
-        data=tuple(args.data),
-        document_boundary=args.document_boundary,
-        vocabulary=args.vocabulary,
-        sequence_length=args.sequence_length,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
-        checkpoint_interval=args.checkpoint_interval,
-        keep_checkpoints=args.keep_checkpoints,
-        held_out_fraction=args.held_out_fraction,
-        mixed_precision=args.mixed_precision,
-        mesh=args.mesh,
-        resume=args.resume,
-        seed=args.seed,
-        samples=args.samples,
-        sample_length=args.sample_length,
-        verbose="auto" if args.verbose is None else args.verbose,
-    )
-    if args.quick:
-        job = dataclasses.replace(
-            job,
-            preset="glam_tiny_8e" if args.preset == DEFAULT_PRESET else args.preset,
-            sequence_length=32,
-            batch_size=4,
-            steps=6,
-            checkpoint_interval=3,
-            samples=min(job.samples, 2),
-            sample_length=12,
-        )
-    return job
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), help="Keras fit verbosity")
+    given = vars(parser.parse_args(argv))
+    settings = dict(QUICK_SETTINGS) if given.pop("quick", False) else {}
+    settings.update(given)
+    if "data" in settings:
+        settings["data"] = tuple(settings["data"])
+    if "warmup_steps" in settings and "learning_rate" not in settings:
+        settings["learning_rate"] = None  # GLaM's 1/sqrt(warmup_steps).
+    return TrainingJob(**settings)
 
 
 def check_job(job):
@@ -211,10 +222,6 @@ def check_job(job):
         raise ValueError(f"--keep-checkpoints must be at least 1, got {job.keep_checkpoints}.")
     if job.mesh is not None:
         _parse_mesh(job.mesh)
-        raise ValueError(
-            f"--mesh {job.mesh}: distributed training is not yet supported by this job; "
-            "run without --mesh (one device)."
-        )
     checkpoints = os.path.join(job.output, "checkpoints")
     has_checkpoints = os.path.isdir(checkpoints) and any(
         name.startswith("ckpt-") for name in os.listdir(checkpoints)
@@ -232,15 +239,49 @@ def check_job(job):
 
 
 def _parse_mesh(spec):
+    """`"data=2,expert=4"` -> `{"data": 2, "expert": 4}` (axes of `MESH_AXES`)."""
     axes = {}
     for part in spec.split(","):
-        name, _, size = part.partition("=")
-        if not name.strip() or not size.strip().isdigit() or int(size) < 1:
+        name, _, size = (piece.strip() for piece in part.partition("="))
+        if name not in MESH_AXES or name in axes or not size.isdigit() or int(size) < 1:
             raise ValueError(
-                f"--mesh must look like 'data=2,expert=4' (axis=size pairs), got {spec!r}."
+                f"--mesh must be axis=size pairs over the axes {', '.join(MESH_AXES)}, e.g. "
+                f"data=2,expert=4; got {spec!r}."
             )
-        axes[name.strip()] = int(size)
+        axes[name] = int(size)
     return axes
+
+
+def mesh_distribution(job):
+    """The `keras_glam.distribution.expert_parallel` distribution of `--mesh`, or None.
+
+    Checks that the mesh fits the devices, the batch and the preset's experts.
+    """
+    if job.mesh is None:
+        return None
+    axes = _parse_mesh(job.mesh)
+    batch_shards = axes.get("data", 1) * axes.get("expert", 1)
+    if job.batch_size % batch_shards:
+        raise ValueError(
+            f"--batch-size {job.batch_size} cannot be split over the {batch_shards} batch shards "
+            f"of --mesh {job.mesh} (data x expert): choose a multiple of {batch_shards}."
+        )
+    experts = preset_config(job.preset).get("num_experts")
+    if experts and experts % axes.get("expert", 1):
+        raise ValueError(
+            f"--mesh {job.mesh}: the expert axis must divide the preset's {experts} experts."
+        )
+    devices = keras.distribution.list_devices()
+    needed = batch_shards * axes.get("model", 1)
+    if "data" in axes and needed != len(devices):
+        raise ValueError(
+            f"--mesh {job.mesh} needs {needed} devices, there are {len(devices)}. Leave out "
+            "`data=` to use every device, or on CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} before starting."
+        )
+    return expert_parallel(
+        data=axes.get("data"), expert=axes.get("expert", 1), model=axes.get("model", 1)
+    )
 
 
 def check_text_files(paths):
@@ -253,8 +294,6 @@ def check_text_files(paths):
         FileNotFoundError: a pattern matches nothing.
         ValueError: a file has bytes that are not UTF-8 (naming the file, byte offset and line).
     """
-    import glob
-
     files = []
     for pattern in paths:
         matches = sorted(glob.glob(os.fspath(pattern)))
@@ -291,11 +330,7 @@ def check_text_files(paths):
 def load_documents(job):
     """The corpus as a list of documents: `--data` files, or Python's documentation."""
     if not job.data:
-        from keras_glam.data.embedded_corpus import pydoc_documents
-
         return pydoc_documents()
-    from keras_glam.data.text_sources import text_files
-
     files = check_text_files(job.data)
     documents = [
         document.decode("utf-8")
@@ -311,8 +346,7 @@ def load_documents(job):
 
 
 def load_tokenizer(job):
-    from keras_glam.models.glam_tokenizer import GLaMTokenizer
-
+    """`--vocabulary` as a `GLaMTokenizer`, or the preset's tokenizer."""
     if job.vocabulary is not None:
         if not os.path.isfile(job.vocabulary):
             raise FileNotFoundError(f"--vocabulary: {job.vocabulary} does not exist.")
@@ -320,22 +354,18 @@ def load_tokenizer(job):
     return GLaMTokenizer.from_preset(job.preset)
 
 
-def preset_vocabulary_size(preset):
-    """The backbone's vocabulary size of a builtin preset or a preset directory."""
-    from keras_glam.models import preset_loading
-
+def preset_config(preset):
+    """The backbone config of a builtin preset or a preset directory (nothing is built)."""
     config = preset_loading.builtin_backbone_config(preset)
     if config is None:
         preset_loading.check_handle(preset)
         with open(os.path.join(preset, "config.json"), encoding="utf-8") as file:
             config = json.load(file)["config"]
-    return config["vocabulary_size"]
+    return config
 
 
 def token_counts(documents, tokenizer, vocabulary_size):
     """Token frequencies of `documents` as the packer sees them (each ends with `</s>`)."""
-    import numpy as np
-
     counts = np.zeros(vocabulary_size, dtype="float64")
     for document in documents:
         ids = np.asarray(tokenizer(document))
@@ -347,8 +377,6 @@ def token_counts(documents, tokenizer, vocabulary_size):
 def unigram_cross_entropy(train_counts, held_out_dataset):
     """Held-out cross-entropy (nats/token) of the add-one-smoothed unigram model of the training
     split, over exactly the targets and weights the model's held-out loss uses."""
-    import numpy as np
-
     log_probability = np.log((train_counts + 1.0) / (train_counts.sum() + len(train_counts)))
     total, weight = 0.0, 0.0
     for _, labels, sample_weight in held_out_dataset.as_numpy_iterator():
@@ -392,6 +420,7 @@ class PreparedData:
     make_dataset: object
     held_out: object
     unigram_entropy: float
+    distribution: object = None
 
 
 def prepare(job):
@@ -401,13 +430,12 @@ def prepare(job):
     `FileNotFoundError` or `FileExistsError` whose message says what to fix.
     """
     check_job(job)
-    import keras
-
+    distribution = mesh_distribution(job)
     # Before any tokenizer exists: TensorFlow's seeding drops the tokenizer's kernel resources.
     keras.utils.set_random_seed(job.seed)
     documents = load_documents(job)
     tokenizer = load_tokenizer(job)
-    vocabulary_size = preset_vocabulary_size(job.preset)
+    vocabulary_size = preset_config(job.preset)["vocabulary_size"]
     if tokenizer.vocabulary_size() != vocabulary_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocabulary_size()} tokens but preset {job.preset!r} "
@@ -420,12 +448,12 @@ def prepare(job):
             "whole documents. Add text, or split the files into more documents with "
             "--document-boundary blank_line or line."
         )
-    import tensorflow as tf
-
-    from keras_glam.data.embedded_corpus import split_documents
-    from keras_glam.data.packing import packed_lm_dataset
-
     train_documents, held_out_documents = split_documents(documents, job.held_out_fraction)
+    if not held_out_documents:
+        raise ValueError(
+            f"--held-out-fraction {job.held_out_fraction} of {len(documents)} documents leaves "
+            "no whole document to hold out. Add documents or raise --held-out-fraction."
+        )
     train_counts = token_counts(train_documents, tokenizer, vocabulary_size)
     tokens_per_batch = job.batch_size * job.sequence_length
     if train_counts.sum() < tokens_per_batch:
@@ -450,7 +478,8 @@ def prepare(job):
         batch_size=job.batch_size,
         shuffle_buffer=0,
         drop_remainder=False,
-    ).cache()
+    )
+    held_out = held_out.map(functools.partial(_pad_rows, batch_size=job.batch_size)).cache()
     # A known length lets Keras end each evaluation without an "ran out of data" warning.
     held_out_batches = sum(1 for _ in held_out)
     held_out = held_out.apply(tf.data.experimental.assert_cardinality(held_out_batches))
@@ -462,7 +491,19 @@ def prepare(job):
         make_dataset=make_dataset,
         held_out=held_out,
         unigram_entropy=unigram_cross_entropy(train_counts, held_out),
+        distribution=distribution,
     )
+
+
+def _pad_rows(x, y, sample_weight, batch_size):
+    """Pad a short last batch with empty rows (padding mask and weight 0), so that every held-out
+    batch has the same shape (one compiled evaluation; shardable over a mesh)."""
+    paddings = [[0, batch_size - tf.shape(y)[0]], [0, 0]]
+
+    def pad(tensor):
+        return tf.ensure_shape(tf.pad(tensor, paddings), [batch_size, tensor.shape[1]])
+
+    return {name: pad(value) for name, value in x.items()}, pad(y), pad(sample_weight)
 
 
 def train(job, data):
@@ -471,23 +512,19 @@ def train(job, data):
     Returns:
         The metrics dict also written to `metrics.json`.
     """
-    import keras
-
-    from keras_glam.models.glam_causal_lm import GLaMCausalLM
-    from keras_glam.models.glam_causal_lm_preprocessor import GLaMCausalLMPreprocessor
-    from keras_glam.models.parameter_count import count_params
-    from keras_glam.training.plots import plot_training
-    from keras_glam.training.recipe import MIXED_PRECISION_POLICY
-    from keras_glam.training.recipe import glam_optimizer
-    from keras_glam.training.trainer import Trainer
-
     os.makedirs(job.output, exist_ok=True)
+    model_options = {}
+    if data.distribution is not None:
+        keras.distribution.set_distribution(data.distribution)
+        # GShard's einsum dispatch partitions into all-to-alls; the sort dispatch would gather.
+        model_options["dispatch"] = "einsum"
     lm = GLaMCausalLM.from_preset(
         job.preset,
         dtype=MIXED_PRECISION_POLICY if job.mixed_precision else None,
         preprocessor=GLaMCausalLMPreprocessor(
             tokenizer=data.tokenizer, sequence_length=job.sequence_length
         ),
+        **model_options,
     )
     lm.compile(optimizer=glam_optimizer(job.warmup_steps, job.learning_rate))
     total_params, activated_params = count_params(lm.backbone.get_config())
@@ -523,20 +560,20 @@ def train(job, data):
         unigram_entropy=data.unigram_entropy,
         title=f"GLaM {job.preset} on {'your data' if job.data else 'Python documentation'}",
     )
-    last_chunk = state.chunk_logs[-1] if state.chunk_logs else {}
-    speeds = [chunk["tokens_per_second"] for chunk in state.chunk_logs if "tokens_per_second" in chunk]
+    speeds = [chunk["tokens_per_second"] for chunk in state.chunk_logs]
     metrics = {
         "preset": job.preset,
         "parameters": total_params,
         "activated_parameters": activated_params,
         "held_out_cross_entropy": evaluation["cross_entropy"],
-        "held_out_loss": evaluation["loss"],
+        # The three token-weighted terms (Keras' own `loss` weighs batches by their rows).
+        "held_out_loss": sum(evaluation[k] for k in ("cross_entropy", "z_loss", "aux_loss")),
         "unigram_entropy": data.unigram_entropy,
         "steps": state.step,
         "tokens_seen": state.step * trainer.tokens_per_step,
         "tokens_per_second": float(sum(speeds) / len(speeds)) if speeds else math.nan,
         "training_seconds": training_seconds,
-        "skipped_steps": int(last_chunk.get("skipped_steps", 0)),
+        "skipped_steps": skipped_steps(lm) or 0,
         "rollbacks": state.rollbacks,
         "sequence_length": job.sequence_length,
         "batch_size": job.batch_size,
@@ -550,10 +587,6 @@ def train(job, data):
 def _tensorboard_callbacks(output):
     """`[keras.callbacks.TensorBoard]` writing to `output/tensorboard`, if TensorBoard is
     installed (Keras needs the `tensorboard` package to write summaries)."""
-    import importlib.util
-
-    import keras
-
     if importlib.util.find_spec("tensorboard") is None:
         print("TensorBoard logs are off: `pip install tensorboard` to get them.")
         return []
@@ -567,8 +600,6 @@ def run(job):
 
 def generate_samples(lm, job):
     """A few continuations of fixed prompts, sampled with top-k (k=40, temperature 0.8)."""
-    import keras_hub
-
     prompts = list(SAMPLE_PROMPTS[: job.samples])
     if not prompts:
         return []

@@ -32,7 +32,9 @@ class ExpertParallel(keras.distribution.ModelParallel):
 
     With several processes each reads its own shard of a batched `tf.data.Dataset` (Keras'
     `distribute_dataset`, applied by `fit` when `auto_shard_dataset` is True): process `p` of
-    `n` gets rows `[p * B / n, (p + 1) * B / n)` of every global batch of `B` rows.
+    `n` gets rows `[p * B / n, (p + 1) * B / n)` of every global batch of `B` rows (batch with
+    `drop_remainder=True`: Keras needs the static batch size). Every batch, `generate()`'s
+    included, must divide over the batch shards.
 
     Args:
         layout_map: a `keras.distribution.LayoutMap`, e.g. `GLaMBackbone.get_layout_map(mesh)`.
@@ -91,15 +93,6 @@ class ExpertParallel(keras.distribution.ModelParallel):
         _check_divides(variable.path, variable.shape, layout)
         return layout
 
-    def get_config(self):
-        """Arguments to rebuild the mesh shape (devices and layout map are not serialised)."""
-        mesh = self.device_mesh
-        return {
-            "mesh_shape": dict(zip(mesh.axis_names, mesh.shape)),
-            "batch_axes": self._batch_axes,
-            "auto_shard_dataset": self.auto_shard_dataset,
-        }
-
 
 def _check_divides(path, shape, layout):
     if not isinstance(layout, keras.distribution.TensorLayout) or layout.device_mesh is None:
@@ -110,8 +103,9 @@ def _check_divides(path, shape, layout):
             continue
         if path.endswith("token_embedding/embeddings") and dim == 0:
             fix = (
-                f"pad the vocabulary: build the backbone with pad_vocabulary_to_multiple_of={parts} "
-                "(or a multiple of it); the padded logits are masked"
+                "pad the vocabulary: build the backbone with "
+                f"pad_vocabulary_to_multiple_of={parts} (or a multiple of it); the padded logits "
+                "are masked"
             )
         else:
             fix = (
@@ -132,12 +126,15 @@ def expert_parallel(
 
     Each device holds `E / expert` experts of every MoE layer and `1 / model` of every attention
     and FFN weight; the batch is split over `data x expert` (routing groups follow the shards:
-    `num_routing_groups=None` gives one group per batch shard). Set it before building the model:
+    `num_routing_groups=None` gives one group per batch shard). Build the model with
+    `dispatch="einsum"` (GShard's dispatch, the `"auto"` choice on TPU): it partitions into one
+    all-to-all each way, while the `"sort"` dispatch gathers every token to every device.
+    Set the distribution before building the model:
 
     ```python
     distribution = keras_glam.distribution.expert_parallel(data=2, expert=4)
     keras.distribution.set_distribution(distribution)
-    lm = keras_glam.GLaMCausalLM.from_preset("glam_tiny_8e")
+    lm = keras_glam.GLaMCausalLM.from_preset("glam_tiny_8e", dispatch="einsum")
     lm.fit(dataset)
     ```
 
@@ -167,7 +164,10 @@ def expert_parallel(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
     device_list = list(devices) if devices is not None else None
-    num_devices = len(device_list) if device_list is not None else _global_device_count()
+    if device_list is None:
+        num_devices = len(keras.distribution.list_devices())
+    else:
+        num_devices = len(device_list)
     if data is None:
         if num_devices % (expert * model):
             raise ValueError(
@@ -191,10 +191,6 @@ def expert_parallel(
         batch_axes=("data", "expert"),
         auto_shard_dataset=auto_shard_dataset,
     )
-
-
-def _global_device_count():
-    return len(keras.distribution.list_devices())
 
 
 def _mesh_devices(shape, devices):

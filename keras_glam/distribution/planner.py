@@ -109,7 +109,7 @@ class DistributionPlan:
             f"GLaM plan: {self.model} on {self.num_devices} devices, mesh {mesh}"
             + (", fsdp" if self.fsdp else ""),
             f"  model: {self.total_params:,} parameters ({self.activated_params:,} per token)"
-            + (f", {self.num_moe_layers} MoE layers" if self.num_moe_layers else ""),
+            + (f", MoE layers: {self.num_moe_layers}" if self.num_moe_layers else ""),
             f"  batch: {self.batch_tokens:,} tokens ({sequences:,} x {self.sequence_length}), "
             f"{self.tokens_per_device:,} per device"
             + (
@@ -133,10 +133,9 @@ class DistributionPlan:
                 else f"  of {self.device_memory_bytes / _GIB:.1f}: "
                 + ("fits" if self.fits else "does NOT fit")
             ),
-            "  sent per device and step (GiB):",
+            "  sent by each device per step (GiB):",
             _row(
-                f"all-to-all ({self.num_moe_layers} MoE layers x "
-                + ("6" if self.remat else "4") + ")",
+                f"all-to-all ({'6' if self.remat else '4'} per MoE layer)",
                 self.all_to_all_bytes,
             ),
             _row("gradient all-reduce", self.gradient_reduce_bytes),
@@ -506,11 +505,12 @@ def propose_mesh(
 ):
     """Propose `expert_parallel` arguments for `num_devices` devices.
 
-    Tries every `data x expert x model` factorisation of `num_devices` (with `fsdp` off, then
+    Tries every `data x expert x model` factorisation of `num_devices` (with `fsdp` off and
     on) whose layouts divide the model's shapes and, when `device_memory_gib` is given, whose
-    `plan` fits. Among those it prefers no `fsdp`, then the smallest `model` axis (tensor
-    parallelism communicates in every layer), then the largest `expert` axis (fewer copies of
-    each expert; one expert group per device is GShard's layout).
+    `plan` fits. Among those it prefers, in this order: the largest `expert` axis (GShard's
+    layout: experts spread over as many devices as there are experts, fewest copies of each);
+    the smallest `model` axis (tensor parallelism communicates in every layer); no `fsdp`
+    (it gathers the dense weights in every step).
 
     Args:
         num_devices: int, devices of the slice (JAX devices: chips on TPU v4, GPUs).
@@ -554,7 +554,7 @@ def propose_mesh(
             f"smallest footprint:\n{smallest}\nUse more devices, remat=True, a smaller batch, "
             "or a smaller preset."
         )
-    best = min(usable, key=lambda c: (c.fsdp, c.mesh["model"], -c.mesh["expert"]))
+    best = min(usable, key=lambda c: (-c.mesh["expert"], c.mesh["model"], c.fsdp))
     return {**best.mesh, "fsdp": best.fsdp}
 
 

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import uuid
 from typing import NamedTuple
 
@@ -36,6 +37,12 @@ OPTIMIZER_FILE = "optimizer.npz"
 STATE_FILE = "state.json"
 _NAME_PATTERN = re.compile(r"^ckpt-(\d{6,})-step-(\d{9,})$")
 _TEMPORARY_PREFIX = ".tmp-"
+
+
+def parse_checkpoint_name(name):
+    """`(sequence, step)` of a checkpoint directory name ("ckpt-000003-step-000000600"), or None."""
+    match = _NAME_PATTERN.match(name)
+    return (int(match[1]), int(match[2])) if match else None
 
 
 class CorruptCheckpointError(ValueError):
@@ -79,6 +86,73 @@ class CheckpointManager:
         self.max_to_keep = max_to_keep
         os.makedirs(self.directory, exist_ok=True)
         self._remove_temporary_directories()
+        self._held_paths = set()
+        self._held_lock = threading.Lock()
+
+    def hold(self, checkpoint):
+        """Keep `checkpoint` through pruning until `release`: its copy elsewhere is not confirmed.
+
+        Pruning still keeps the `max_to_keep` newest checkpoints; held older ones stay in
+        addition. Safe to call from any thread.
+        """
+        with self._held_lock:
+            self._held_paths.add(checkpoint.path)
+
+    def release(self, checkpoint):
+        """Undo `hold`: the next `save` may prune `checkpoint` again. Safe from any thread."""
+        with self._held_lock:
+            self._held_paths.discard(checkpoint.path)
+
+    def adopt(self, source, name):
+        """Install a copy of a checkpoint directory from elsewhere (a download) as `name`.
+
+        Every regular file of `source` is copied into a temporary directory and fsynced; the
+        copy is verified against its `state.json` manifest and renamed into place, so a crash
+        leaves the complete checkpoint or none. `source` is left as it is.
+
+        Args:
+            source: a directory holding a checkpoint's files.
+            name: the checkpoint's directory name, "ckpt-<sequence>-step-<step>".
+
+        Returns:
+            The new `Checkpoint`.
+
+        Raises:
+            ValueError: `name` is not a checkpoint name.
+            FileExistsError: this directory already holds a checkpoint called `name`.
+            CorruptCheckpointError: the copy does not pass `verify`.
+        """
+        parsed = parse_checkpoint_name(name)
+        if parsed is None:
+            raise ValueError(
+                f"'{name}' is not a checkpoint name: expected 'ckpt-<sequence>-step-<step>' as "
+                "`save` writes it."
+            )
+        final = os.path.join(self.directory, name)
+        if os.path.exists(final):
+            raise FileExistsError(
+                f"{final} already exists: a checkpoint is never overwritten. Adopt into another "
+                "directory or remove the existing checkpoint first."
+            )
+        temporary = os.path.join(
+            self.directory, f"{_TEMPORARY_PREFIX}adopt-{name}-{uuid.uuid4().hex}"
+        )
+        os.makedirs(temporary)
+        try:
+            with os.scandir(source) as entries:
+                for entry in entries:
+                    if entry.is_file():
+                        copy = os.path.join(temporary, entry.name)
+                        shutil.copyfile(entry.path, copy)
+                        _fsync(copy)
+            self.verify(Checkpoint(temporary, *parsed))
+            _fsync(temporary)
+            os.replace(temporary, final)
+            _fsync(self.directory)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        return Checkpoint(final, *parsed)
 
     def checkpoints(self):
         """Committed checkpoints, newest first (not verified: see `verify`)."""
@@ -207,7 +281,11 @@ class CheckpointManager:
         return state
 
     def _prune(self):
+        with self._held_lock:
+            held = set(self._held_paths)
         for checkpoint in self.checkpoints()[self.max_to_keep :]:
+            if checkpoint.path in held:
+                continue
             # Renamed first so that a crash mid-deletion never leaves a half-deleted
             # directory under a checkpoint's name.
             doomed = os.path.join(

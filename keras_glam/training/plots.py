@@ -47,7 +47,9 @@ def _plot_losses(axis, state, unigram_entropy):
         window = max(1, len(losses) // 25)
         if window > 1:
             smoothed = np.convolve(losses, np.ones(window) / window, mode="valid")
-            axis.plot(steps[window - 1 :], smoothed, color="tab:blue", label="train loss (per step)")
+            axis.plot(
+                steps[window - 1 :], smoothed, color="tab:blue", label="train loss (moving average)"
+            )
     chunks = state["chunk_logs"]
     chunk_steps = [chunk["step"] for chunk in chunks]
     for key, label, style in (

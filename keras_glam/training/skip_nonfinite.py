@@ -136,6 +136,17 @@ class SkipNonFiniteSteps(keras.optimizers.Optimizer):
                 self.build(list(trainable_variables))
             self.built = True
         grads = list(grads)
+        if keras.backend.backend() == "jax":
+            # JAX branches must be pure: run the stateless update and assign its results.
+            variables = list(trainable_variables or self._trainable_variables)
+            new_values, new_optimizer_values = self.stateless_apply(
+                [v.value for v in self.variables], grads, [v.value for v in variables]
+            )
+            for variable, value in zip(variables, new_values):
+                variable.assign(value)
+            for variable, value in zip(self.variables, new_optimizer_values):
+                variable.assign(value)
+            return
 
         def apply_update():
             self.inner_optimizer.apply(grads, trainable_variables)

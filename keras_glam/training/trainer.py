@@ -150,7 +150,9 @@ class Trainer:
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"`{name}` must be an integer >= 1. Received: {value!r}")
         if not (isinstance(max_rollbacks, int) and max_rollbacks >= 0):
-            raise ValueError(f"`max_rollbacks` must be an integer >= 0. Received: {max_rollbacks!r}")
+            raise ValueError(
+                f"`max_rollbacks` must be an integer >= 0. Received: {max_rollbacks!r}"
+            )
         if not loss_spike_factor > 1:
             raise ValueError(
                 f"`loss_spike_factor` must be > 1. Received: loss_spike_factor={loss_spike_factor}"
@@ -190,12 +192,35 @@ class Trainer:
         )
         if self.validation_data is not None:
             check_training_batches(self.validation_data, self.model, "validation data")
-        state = self._initial_state()
-        while state.step < self.total_steps:
-            failure = self._run_segment(state)
-            if failure is not None:
-                state = self._roll_back(state, failure)
+        self._prepare_checkpoint_observers()
+        try:
+            state = self._initial_state()
+            while state.step < self.total_steps:
+                failure = self._run_segment(state)
+                if failure is not None:
+                    state = self._roll_back(state, failure)
+        finally:
+            self._finish_checkpoint_observers()
         return state
+
+    def _prepare_checkpoint_observers(self):
+        """Before the newest checkpoint is looked up, observers that define
+        `prepare_checkpoints(model, manager, resume=...)` may add checkpoints to the directory
+        (`keras_glam.callbacks.HubCheckpoint` downloads the newest one of its Hub repository)
+        or refuse to start."""
+        for callback in self.callbacks:
+            prepare = getattr(callback, "prepare_checkpoints", None)
+            if isinstance(callback, CheckpointObserver) and callable(prepare):
+                prepare(self.model, self.manager, resume=self.resume)
+
+    def _finish_checkpoint_observers(self):
+        """When the run ends (returning or raising; Keras' `on_train_end` also comes between
+        rollbacks), observers that define `on_training_finished()` may wrap up: a
+        `HubCheckpoint` waits, bounded, for its pushes."""
+        for callback in self.callbacks:
+            finish = getattr(callback, "on_training_finished", None)
+            if isinstance(callback, CheckpointObserver) and callable(finish):
+                finish()
 
     def _initial_state(self):
         checkpoint = self.manager.latest() if self.resume else None
@@ -236,6 +261,7 @@ class Trainer:
             self.model.fit(
                 dataset,
                 steps_per_epoch=steps_per_epoch,
+                shuffle=False,  # The data stream is shuffled, and must stay reproducible.
                 initial_epoch=first_epoch,
                 epochs=first_epoch + epochs,
                 validation_data=self.validation_data,
@@ -330,7 +356,8 @@ class _ChunkMonitor(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         skipped = skipped_steps(self.model) or 0
-        self._consecutive_skips = self._consecutive_skips + 1 if skipped > self._skipped_so_far else 0
+        skipped_now = skipped > self._skipped_so_far
+        self._consecutive_skips = self._consecutive_skips + 1 if skipped_now else 0
         self._skipped_so_far = skipped
         if self._consecutive_skips >= self.trainer.max_consecutive_skipped_steps:
             self.failure = f"{self._consecutive_skips} consecutive steps with non-finite gradients"
