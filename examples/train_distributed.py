@@ -33,7 +33,8 @@ def parse_arguments():
     parser.add_argument("--expert", type=int, help="expert axis (default: proposed)")
     parser.add_argument("--model", type=int, default=None, help="tensor-parallel axis")
     parser.add_argument("--fsdp", action="store_true", help="also split dense weights")
-    parser.add_argument("--remat", action="store_true", help="plan with layer remat")
+    parser.add_argument("--remat", action="store_true",
+                        help="plan with per-layer remat (the training here does not remat)")
     parser.add_argument("--batch-size", type=int, help="global rows per step (default: 2 per "
                         "batch shard)")
     parser.add_argument("--sequence-length", type=int, default=128)
@@ -168,6 +169,7 @@ def main():
         path = os.path.join(args.output_dir, "model.weights.h5")
         single_device.save_weights(path)
         print(f"Saved {path}")
+
 
 if __name__ == "__main__":
     main()

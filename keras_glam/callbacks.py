@@ -3,7 +3,6 @@
 import functools
 import logging
 import os
-import re
 import shutil
 import tempfile
 
@@ -13,12 +12,11 @@ from keras_glam.hub.checkpoint_sync import CheckpointPusher
 from keras_glam.hub.checkpoint_sync import CheckpointRepository
 from keras_glam.hub.checkpoint_sync import PushJob
 from keras_glam.hub.checkpoint_sync import incomplete_repository_error
+from keras_glam.hub.publish import _COMMIT_ID
 from keras_glam.training.callbacks import CheckpointObserver
 from keras_glam.training.checkpointing import CheckpointManager
 
 logger = logging.getLogger(__name__)
-
-_COMMIT_ID = re.compile(r"[0-9a-f]{40}")
 
 
 class HubCheckpoint(CheckpointObserver):
@@ -184,6 +182,11 @@ class HubCheckpoint(CheckpointObserver):
         return list(self._pusher.pushed)
 
     @property
+    def superseded(self):
+        """Local `Checkpoint`s dropped unpushed: a newer one replaced them while they waited."""
+        return list(self._pusher.superseded)
+
+    @property
     def unpushed(self):
         """Local `Checkpoint`s handed to the pusher and not pushed yet, oldest first."""
         return self._pusher.unpushed
@@ -302,11 +305,9 @@ class HubCheckpoint(CheckpointObserver):
                 "With plain `model.fit`, HubCheckpoint writes the checkpoints itself: pass "
                 "`checkpoint_dir=` and `every_n_steps=`. (A Trainer passes its own checkpoints.)"
             )
-        model = self.model
-        self._attach(model, CheckpointManager(self.checkpoint_dir, self.max_checkpoints))
-        self._writes_checkpoints = True
+        manager = CheckpointManager(self.checkpoint_dir, self.max_checkpoints)
         _, remote = self._repository.checkpoints()
-        local = self._manager.latest()
+        local = manager.latest()
         if remote and (local is None or remote[0].sequence > local.sequence):
             raise FileExistsError(
                 f"{self.handle} holds newer checkpoints (step {remote[0].step}) than "
@@ -315,6 +316,9 @@ class HubCheckpoint(CheckpointObserver):
                 "`CheckpointManager(checkpoint_dir).restore(checkpoint, model)`; or push to "
                 "another repository."
             )
+        model = self.model
+        self._attach(model, manager)
+        self._writes_checkpoints = True
         self._step = int(model.optimizer.iterations.numpy())
         self._last_submitted_step = self._step
 

@@ -466,21 +466,21 @@ class HubServer:
             response = self._respond(route, match, request, f"{method} {split.path}")
             if fault is not None and fault.drop_stage == "after_processing":
                 response = None
-        status = None
+        mid_body = response is not None and fault is not None and fault.drop_stage == "mid_body"
+        status = None if response is None or mid_body else response[0]
+        # Recorded before answering: a client that has its answer may assert on the record.
+        user = USER if token else None
+        with self._lock:
+            self.requests.append(RecordedRequest(method, split.path, kind, status, user))
         if response is None:
             self._drop(handler)
-        elif fault is not None and fault.drop_stage == "mid_body":
+        elif mid_body:
             status, headers, payload = response
             headers = {**headers, "Content-Length": str(len(payload))}
             self._send(handler, method, status, headers, payload[: len(payload) // 2])
             self._drop(handler)
-            status = None
         else:
             self._send(handler, method, *response)
-            status = response[0]
-        user = USER if token else None
-        with self._lock:
-            self.requests.append(RecordedRequest(method, split.path, kind, status, user))
 
     def _respond(self, route, match, request, description):
         try:

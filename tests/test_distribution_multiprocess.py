@@ -19,7 +19,7 @@ from check_runner import CHECKS  # noqa: E402
 from check_runner import check_environment  # noqa: E402
 from check_runner import run_check  # noqa: E402
 
-TIMEOUT_SECONDS = 240
+TIMEOUT_SECONDS = 420
 
 
 def _free_port():

@@ -27,14 +27,13 @@ from keras_glam.hub import pull_latest_checkpoint
 from keras_glam.hub.checkpoint_sync import CheckpointPusher
 from keras_glam.hub.checkpoint_sync import CheckpointRepository
 from keras_glam.hub.checkpoint_sync import PushJob
-from keras_glam.training.callbacks import CheckpointObserver
 from keras_glam.training.checkpointing import CheckpointManager
 from keras_glam.training.trainer import Trainer
 
 REPO_ID = f"{WRITABLE_ORG}/glam-run"
 HANDLE = f"hf://{REPO_ID}"
 BATCH, LENGTH = 2, 8
-FAST = {"max_retries": 2, "initial_retry_delay": 0.01, "max_retry_delay": 0.05}
+FAST = {"max_retries": 2, "initial_retry_delay": 0.01, "max_retry_delay": 0.2}
 PRESET_FILES = {
     "README.md",
     "config.json",
@@ -48,8 +47,9 @@ PRESET_FILES = {
 CHECKPOINT_FILES = {"model.weights.h5", "optimizer.npz", "state.json", "manifest.json"}
 
 
-def _lm(seed=0):
-    """A 2-layer GLaM (MoE on layer 0) with the shipped 4096-piece tokenizer, compiled."""
+def _lm(seed=0, num_experts=None):
+    """A 2-layer GLaM with the shipped 4096-piece tokenizer, compiled; dense unless
+    `num_experts` (then MoE on layer 0: routing state must survive a resume too)."""
     keras.utils.set_random_seed(seed)
     backbone = keras_glam.GLaMBackbone(
         vocabulary_size=4096,
@@ -58,7 +58,7 @@ def _lm(seed=0):
         intermediate_dim=32,
         num_heads=2,
         head_dim=8,
-        num_experts=4,
+        num_experts=num_experts,
     )
     preprocessor = keras_glam.GLaMCausalLMPreprocessor.from_preset(
         "glam_tiny_8e", sequence_length=LENGTH
@@ -131,7 +131,7 @@ def _checkpoint_folders(files):
 @pytest.fixture(scope="module")
 def uninterrupted_weights(tmp_path_factory):
     """Weights after 6 steps trained without interruption (no Hub involved)."""
-    lm = _lm()
+    lm = _lm(num_experts=4)
     _trainer(lm, tmp_path_factory.mktemp("uninterrupted"), 6).fit()
     return _weights(lm)
 
@@ -139,7 +139,7 @@ def uninterrupted_weights(tmp_path_factory):
 def test_checkpoints_are_presets_and_a_fresh_machine_resumes_exactly(
     hub_server, tmp_path, caplog, uninterrupted_weights
 ):
-    first = _lm()
+    first = _lm(num_experts=4)
     first_hub = HubCheckpoint(HANDLE, **FAST)
     _trainer(first, tmp_path / "machine_a", 4, [first_hub]).fit()
 
@@ -174,7 +174,7 @@ def test_checkpoints_are_presets_and_a_fresh_machine_resumes_exactly(
     # manifest, and a folder whose weights differ from its manifest (same size, other bytes).
     newest = {name.split("/")[-1]: files[name] for name in files if names[1] in name}
     damaged = bytearray(newest["model.weights.h5"])
-    damaged[-100:] = bytes(100)
+    damaged[len(damaged) // 2] ^= 0xFF
     lying_manifest = {**manifest, "name": "ckpt-000004-step-000000008", "sequence": 4, "step": 8}
     huggingface_hub.HfApi().create_commit(
         REPO_ID,
@@ -198,7 +198,7 @@ def test_checkpoints_are_presets_and_a_fresh_machine_resumes_exactly(
     )
 
     # A new machine: an empty checkpoint directory, other initial weights.
-    second = _lm(seed=99)
+    second = _lm(seed=99, num_experts=4)
     second_hub = HubCheckpoint(HANDLE, **FAST)
     with caplog.at_level(logging.WARNING):
         state = _trainer(second, tmp_path / "machine_b", 6, [second_hub]).fit()
@@ -218,9 +218,10 @@ def test_checkpoints_are_presets_and_a_fresh_machine_resumes_exactly(
     np.testing.assert_array_equal(_logits(loaded), _logits(second))
 
 
-class _HubOutage(CheckpointObserver):
-    """Takes the Hub down when training starts and brings it back when `fit` ends, noting
-    what the checkpoint directory held and what was pushed meanwhile."""
+class _HubOutage(keras.callbacks.Callback):
+    """Takes the Hub down at the first training step and brings it back when `fit` ends,
+    noting what the checkpoint directory held and what was pushed meanwhile. Listed before the
+    `HubCheckpoint`, so that the Hub is back before the callback flushes."""
 
     def __init__(self, hub_server, hub_checkpoint, checkpoint_dir):
         super().__init__()
@@ -230,8 +231,8 @@ class _HubOutage(CheckpointObserver):
         self.local_steps = None
         self.pushed = None
 
-    def on_train_begin(self, logs=None):
-        self.hub_server.stop()
+    def on_train_batch_begin(self, batch, logs=None):
+        self.hub_server.stop()  # A no-op once it is down.
 
     def on_train_end(self, logs=None):
         checkpoints = CheckpointManager(self.checkpoint_dir).checkpoints()
@@ -281,21 +282,6 @@ def test_pushes_outlast_server_errors_dropped_connections_and_an_outage(
     assert not any(hub_server.write_token.encode() in path.read_bytes() for path in files)
 
 
-class _OutageDuringFit(keras.callbacks.Callback):
-    """The Hub is down from the first step until `fit` ends."""
-
-    def __init__(self, hub_server):
-        super().__init__()
-        self.hub_server = hub_server
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if batch == 0:
-            self.hub_server.stop()
-
-    def on_train_end(self, logs=None):
-        self.hub_server.start()
-
-
 def test_plain_fit_pushes_every_n_steps_and_supersedes_a_backlog(hub_server, tmp_path, caplog):
     lm = _lm()
     hub = HubCheckpoint(
@@ -303,16 +289,20 @@ def test_plain_fit_pushes_every_n_steps_and_supersedes_a_backlog(hub_server, tmp
     )
     texts = [f"def function_{index}(argument):" for index in range(12)]
     with caplog.at_level(logging.WARNING):
-        lm.fit(texts, batch_size=2, epochs=1, callbacks=[_OutageDuringFit(hub_server), hub])
+        outage = _HubOutage(hub_server, hub, tmp_path / "a")
+        lm.fit(texts, batch_size=2, epochs=1, callbacks=[outage, hub])
 
-    # With the Hub down, step 1 kept retrying while 2..6 arrived: with one waiting place each
-    # newer checkpoint superseded the waiting one, so the newest was pushed after step 1.
-    assert [pushed.step for pushed in hub.pushed] == [1, 6]
-    assert [checkpoint.step for checkpoint in hub._pusher.superseded] == [2, 3, 4, 5]
+    assert outage.pushed == []
+    # With the Hub down, the first checkpoint kept retrying while the others arrived; with one
+    # waiting place, each newer checkpoint superseded the waiting one: two pushes, the newest
+    # last. (Which of steps 1 and 2 went first depends on when the worker thread started.)
+    pushed = [pushed.step for pushed in hub.pushed]
+    superseded = [checkpoint.step for checkpoint in hub.superseded]
+    assert len(pushed) == 2 and pushed[-1] == 6
+    assert sorted(pushed + superseded) == [1, 2, 3, 4, 5, 6]
     assert "superseded by step" in caplog.text
     assert [title.split(":")[0] for title in _titles(hub_server)] == [
-        "Checkpoint at step 1",
-        "Checkpoint at step 6",
+        f"Checkpoint at step {step}" for step in pushed
     ]
     np.testing.assert_array_equal(_logits(keras_glam.GLaMCausalLM.from_preset(HANDLE)), _logits(lm))
 
@@ -326,6 +316,21 @@ def test_plain_fit_pushes_every_n_steps_and_supersedes_a_backlog(hub_server, tmp
         np.testing.assert_array_equal(expected, actual)
     for expected, actual in zip(lm.optimizer.variables, restored.optimizer.variables, strict=True):
         np.testing.assert_array_equal(expected.numpy(), actual.numpy())
+
+    # A Hub that stays down: `fit` ends after the bounded wait, naming what is unpushed, and the
+    # checkpoints stay on disk for a later push.
+    hub.flush_timeout = 0.5
+    hub_server.stop()
+    with caplog.at_level(logging.WARNING):
+        lm.fit(texts[:4], batch_size=2, epochs=1, callbacks=[hub])
+    assert [checkpoint.step for checkpoint in hub.unpushed] == [7, 8]
+    assert "2 checkpoint(s) not pushed to hf://glam-org/glam-run within 0.5 s (steps 7, 8)" in (
+        caplog.text
+    )
+    local_steps = {checkpoint.step for checkpoint in CheckpointManager(tmp_path / "a").checkpoints()}
+    assert {7, 8} <= local_steps
+    hub_server.start()
+    assert hub.wait(timeout=30) and hub.pushed[-1].step == 8
 
 
 def test_unpushed_checkpoints_are_kept_and_a_permanent_failure_ends_pushing(

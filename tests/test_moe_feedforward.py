@@ -1,5 +1,6 @@
-"""MoEFeedForward against independent references: a dense JAX-NumPy computation (every expert on
-every token, combined with the top-k gates), a loop-based capacity assignment, hand-worked routing."""
+"""MoEFeedForward against independent references: a dense JAX-NumPy computation (every expert
+on every token, combined with the top-k gates), a loop-based slot assignment, hand-worked routing.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,8 @@ from keras_glam.layers.moe_feedforward import MoEFeedForward
 from keras_glam.layers.routing import expert_capacity
 
 MODEL_DIM, HIDDEN_DIM, NUM_EXPERTS = 8, 16, 4
+# The tests build many tiny programs: skipping LLVM optimisation halves their compile time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _np(x):
@@ -23,7 +26,7 @@ def _weights(moe):
     return {v.path.split("/", 1)[1]: _np(v) for v in moe.trainable_variables}
 
 
-def _make_layer(x, padding_mask=None, router_scale=1.0, **kwargs):
+def _make_layer(x, router_scale=1.0, **kwargs):
     kwargs.setdefault("num_experts", NUM_EXPERTS)
     kwargs.setdefault("intermediate_dim", HIDDEN_DIM)
     moe = MoEFeedForward(name="moe", **kwargs)
@@ -98,9 +101,8 @@ def _reference_value_and_grad(*args):
     key += (args[-1],)
     if key not in _reference_executables:
         function = jax.value_and_grad(_reference_loss, argnums=(0, 1), has_aux=True)
-        options = {"xla_backend_optimization_level": 0}
         _reference_executables[key] = (
-            jax.jit(function, static_argnums=6).lower(*args).compile(compiler_options=options)
+            jax.jit(function, static_argnums=6).lower(*args).compile(compiler_options=FAST_COMPILE)
         )
     return _reference_executables[key](*args[:-1])
 
@@ -121,10 +123,8 @@ def reference_outputs_and_grads(moe, x, cotangent, is_real, num_groups, capacity
 
 
 def _compile_and_run(fn, *args):
-    """`jax.jit(fn)(*args)`, compiled without LLVM optimisation: the tests build many tiny
-    programs, and this halves their compile time."""
-    options = {"xla_backend_optimization_level": 0}
-    return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)
+    """`jax.jit(fn)(*args)`, compiled with `FAST_COMPILE`."""
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)(*args)
 
 
 def run_layer(moe, x, padding_mask=None, training=False, return_routing=False):
@@ -187,6 +187,10 @@ def layer_outputs_and_grads(moe, x, cotangent, padding_mask=None, training=True)
 
 
 def assert_matches_reference(moe, x, padding_mask, training, num_groups, capacity):
+    """Outputs, aux loss and every gradient of `moe` equal the dense reference's.
+
+    Returns the reference's kept-choice mask `[T, k]` and the layer's gradients.
+    """
     cotangent = np.random.default_rng(7).normal(size=x.shape).astype("float32")
     is_real = np.ones(x.shape[:2], bool) if padding_mask is None else padding_mask != 0
     expected, aux, expected_grads, expected_input_grad, kept = reference_outputs_and_grads(

@@ -132,6 +132,8 @@ def test_plan_rejects_bad_arguments(tiny_config):
         glam_distribution.plan(tiny_config, {"pipeline": 2}, batch_tokens=16)
     with pytest.raises(ValueError, match="Unknown preset"):
         glam_distribution.plan("glam_1000b", {}, batch_tokens=16)
+    with pytest.raises(ValueError, match="batch_tokens"):
+        glam_distribution.plan(tiny_config, {}, batch_tokens=0)
     with pytest.raises(TypeError, match="GLaMAdafactor"):
         glam_distribution.plan(tiny_config, {}, batch_tokens=16, optimizer="adam")
 
@@ -149,6 +151,14 @@ def test_glam_64b_64e_fits_512_tpu_v4_chips_but_not_256():
     assert fits.parameter_bytes == pytest.approx(fits.total_params * 4 / 512, rel=0.01)
     assert "mesh data=1 x expert=64 x model=8, fsdp" in str(fits)
     assert "fits" in str(fits)
+
+    # GLaM's ~1M tokens per step: 1,024 chips with a data axis of 2, the same per-chip load.
+    paper_batch = glam_distribution.plan(
+        "glam_64b_64e", {"data": 2, "expert": 64, "model": 8}, batch_tokens=2**20,
+        fsdp=True, remat=True, device_memory_gib=32,
+    )
+    assert paper_batch.fits is True
+    assert paper_batch.total_bytes == fits.total_bytes
 
     # 256 chips (v4-512): float32 weights and gradients alone exceed 32 GiB per chip.
     too_small = glam_distribution.plan(

@@ -138,6 +138,21 @@ def test_bad_input_is_reported_before_anything_is_built(tmp_path, capsys, case, 
     assert not output.exists()
 
 
+def test_text_files_are_read_as_paragraph_documents(tmp_path):
+    paragraphs = [f"Paragraph {i} says that the value of x is {i} times y." for i in range(10)]
+    first = _write(tmp_path / "a.txt", "\n\n".join(paragraphs[:6]) + "\n")
+    _write(tmp_path / "b.txt", "\n\n\n".join(paragraphs[6:]))
+    pattern = str(tmp_path / "b*.txt")
+    job = train.parse_args(["--quick", "--output", str(tmp_path / "run"), "--data", first, pattern])
+    data = train.prepare(job)
+    assert len(data.train_documents) == 8 and len(data.held_out_documents) == 2
+    assert data.held_out_documents[0] == paragraphs[4]
+    x, y, sample_weight = next(iter(data.make_dataset(seed=0, skip_batches=0)))
+    assert tuple(x["token_ids"].shape) == (4, 32) == tuple(y.shape) == tuple(sample_weight.shape)
+    assert 0 < data.unigram_entropy < np.log(4096)
+    assert not (tmp_path / "run").exists()
+
+
 def _weights(path):
     values = {}
     with h5py.File(path, "r") as file:
@@ -210,3 +225,33 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     assert expected.keys() == actual.keys() and expected
     for name in expected:
         np.testing.assert_array_equal(expected[name], actual[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_expert_parallel_run_on_four_cpu_devices(tmp_path):
+    environment = dict(
+        os.environ,
+        KERAS_BACKEND="jax",
+        PYTHONPATH=_ROOT,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "keras_glam.train",
+        "--quick",
+        "--mesh",
+        "data=2,expert=2",
+        "--verbose",
+        "0",
+        "--output",
+        str(tmp_path / "run"),
+    ]
+    result = subprocess.run(
+        command, env=environment, cwd=_ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "run" / "metrics.json") as file:
+        metrics = json.load(file)
+    assert metrics["steps"] == 6 and np.isfinite(metrics["held_out_cross_entropy"])
+    assert len(metrics["samples"]) == 2

@@ -48,7 +48,7 @@ class ExpertParallel(keras.distribution.ModelParallel):
     distribution = keras_glam.distribution.ExpertParallel(
         keras_glam.GLaMBackbone.get_layout_map(mesh))
     with distribution.scope():
-        lm = keras_glam.GLaMCausalLM.from_preset("glam_tiny_8e")
+        lm = keras_glam.GLaMCausalLM.from_preset("glam_tiny_8e", dispatch="einsum")
     ```
     """
 

@@ -361,6 +361,9 @@ def plan(
     """
     name, config = _resolve(preset_or_config)
     sizes = _mesh_sizes(mesh)
+    for argument, value in (("batch_tokens", batch_tokens), ("sequence_length", sequence_length)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{argument}` must be a positive int, got {value!r}.")
     policy = keras.dtype_policies.get(dtype)
     optimizer = optimizer or GLaMAdafactor()
     if not isinstance(optimizer, GLaMAdafactor):

@@ -558,6 +558,11 @@ class CheckpointPusher:
         max_waiting: int >= 0, checkpoints that may wait behind the one in flight.
         retry_pause: seconds between two rounds of retries.
 
+    Attributes:
+        pushed: `PushedCheckpoint`s the Hub confirmed, in order.
+        superseded: `Checkpoint`s dropped unpushed for a newer one.
+        error: the permanent failure that ended pushing, or None.
+
     Example:
     ```python
     pusher = CheckpointPusher(repository)
@@ -672,9 +677,8 @@ class CheckpointPusher:
                 with self._condition:
                     self._waiting.appendleft(job)
                     self._in_flight = None
-                    self._worker = None
                     self._condition.notify_all()
-                return
+                continue  # Ends the thread unless a `submit` or `flush` cancelled the stop.
             except Exception as error:  # Permanent: retrying cannot help.
                 logger.error(
                     "Pushing checkpoint step %d to %s failed permanently: %s. No further "

@@ -35,7 +35,7 @@ class MoEFeedForward(keras.layers.Layer):
     - `"sort"`: integer slot maps and row gathers, `O(T * k * M)` data movement and no `S * C`
       term. Its backward pass is written with gathers too (a custom gradient), never a
       scatter-add.
-    - `"auto"`: `"einsum"` on TPU, `"sort"` elsewhere (CPU and GPU).
+    - `"auto"`: `"einsum"` on TPU or under a `keras.distribution`, `"sort"` otherwise.
 
     Evaluation and decoding (`training` falsy) with `eval_capacity_factor=None` drop no token and
     still compute only the chosen experts: the `T * k` choices are laid out sorted by expert, each
@@ -176,11 +176,20 @@ class MoEFeedForward(keras.layers.Layer):
             trainable=False,
             autocast=False,
         )
-        if self.dispatch == "auto":
-            on_tpu = keras.distribution.list_devices()[0].lower().startswith("tpu")
-            self._dispatch_mode = "einsum" if on_tpu else "sort"
-        else:
-            self._dispatch_mode = self.dispatch
+
+    def _dispatch_mode(self):
+        """Resolve `"auto"` at call time: the distribution may be set after the model is built.
+
+        GShard's einsums on TPU and whenever a distribution is active (the gather of `"sort"`
+        indexes tokens globally, so under expert parallelism XLA would gather every token onto
+        every device instead of exchanging them all-to-all); `"sort"` otherwise.
+        """
+        if self.dispatch != "auto":
+            return self.dispatch
+        on_tpu = keras.distribution.list_devices()[0].lower().startswith("tpu")
+        if on_tpu or keras.distribution.distribution() is not None:
+            return "einsum"
+        return "sort"
 
     def call(self, inputs, padding_mask=None, training=None, return_routing=False):
         model_dim = inputs.shape[-1]
@@ -214,7 +223,7 @@ class MoEFeedForward(keras.layers.Layer):
         group_mask = None if is_real is None else ops.reshape(is_real, (num_groups, group_size))
         routing = self.router(grouped, padding_mask=group_mask, capacity=capacity)
         instructions = routing.instructions
-        if self._dispatch_mode == "einsum":
+        if self._dispatch_mode() == "einsum":
             dispatch_mask, combine_tensor = _one_hot_dispatch_tensors(
                 instructions, self.num_experts, capacity, self.compute_dtype
             )
@@ -276,7 +285,7 @@ class MoEFeedForward(keras.layers.Layer):
         return self.expert_wo(self.activation(self.expert_wi(expert_inputs)))
 
     def _dropless_forward(self, tokens, is_real):
-        """Routing without capacity (one group) and the block-sorted expert scan. Tokens `[T, M]`."""
+        """Routing without capacity (one group), then the block-sorted expert scan. `[T, M]`."""
         num_tokens, model_dim = tokens.shape
         routing = self.router(
             tokens[None],

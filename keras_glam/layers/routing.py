@@ -129,6 +129,7 @@ def top_k_gating(router_probs, top_k=2, capacity=None, padding_mask=None):
 
     Example:
 
+    >>> import numpy as np
     >>> probs = np.array([[[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]]], "float32")
     >>> routing = top_k_gating(probs, top_k=2, capacity=1)
     >>> np.asarray(routing.instructions.expert_index)[0].tolist()
@@ -256,6 +257,7 @@ class TopKRouter(keras.layers.Layer):
 
     Example:
 
+    >>> import numpy as np
     >>> router = TopKRouter(num_experts=4, top_k=2, name="router")
     >>> routing = router(np.ones((2, 8, 16), "float32"), capacity=4)
     >>> routing.instructions.combine_weights.shape

@@ -243,7 +243,7 @@ class GLaMBackbone(keras_hub.models.Backbone):
         layout_map = keras_glam.GLaMBackbone.get_layout_map(mesh)
         distribution = keras_glam.distribution.ExpertParallel(layout_map)
         with distribution.scope():
-            backbone = keras_glam.GLaMBackbone.from_preset("glam_tiny_8e")
+            backbone = keras_glam.GLaMBackbone.from_preset("glam_tiny_8e", dispatch="einsum")
         ```
         """
         # Imported here because keras_glam.distribution imports this module.

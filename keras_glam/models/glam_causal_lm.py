@@ -194,8 +194,8 @@ class GLaMCausalLM(keras_hub.models.CausalLM):
         (`loss` then shows NaN until the epoch ends). Training logs of an MoE model
         also carry `dropped_top1`, `dropped_top2` (fraction of tokens whose first/second choice
         exceeded capacity) and `expert_load_cv` (coefficient of variation of the tokens routed
-        per expert), averaged over MoE layers (`keras_glam.training.losses.routing_statistics`).
-        Evaluation routes without capacity and logs no routing statistics.
+        per expert), averaged over MoE layers (`keras_glam.training.losses.routing_statistics`);
+        evaluation logs none (MoE layers record routing statistics on training calls only).
 
         Args:
             optimizer: `"auto"` (GLaM's `GLaMAdafactor` and schedule, see
@@ -274,9 +274,9 @@ class GLaMCausalLM(keras_hub.models.CausalLM):
         else:
             tokens = ops.sum(ops.cast(sample_weight, "float32"))
         for name, value in values.items():
-            finite = ops.isfinite(value)
+            usable = ops.logical_and(ops.isfinite(value), ops.isfinite(tokens))
             trackers[name].update_state(
-                ops.where(finite, value, 0.0), sample_weight=ops.where(finite, tokens, 0.0)
+                ops.where(usable, value, 0.0), sample_weight=ops.where(usable, tokens, 0.0)
             )
         # Read by `get_metrics_result`, which Keras calls after `compute_loss` in every
         # train and test step, while tracing the same step function.

@@ -67,8 +67,8 @@ class TrainingState:
     seed: int = 0
     rollbacks: int = 0
     consecutive_failures: int = 0
-    rollback_step: int = None
-    last_healthy_cross_entropy: float = None
+    rollback_step: int | None = None
+    last_healthy_cross_entropy: float | None = None
     chunk_logs: list = dataclasses.field(default_factory=list)
     step_losses: list = dataclasses.field(default_factory=list)
     expert_load: list = dataclasses.field(default_factory=list)
@@ -226,7 +226,7 @@ class Trainer:
         checkpoint = self.manager.latest() if self.resume else None
         if checkpoint is None:
             state = TrainingState(seed=self.seed)
-            self._save(state)
+            self.save_checkpoint(state)
             return state
         state = TrainingState.from_dict(self.manager.restore(checkpoint, self.model))
         if state.seed != self.seed:
@@ -275,7 +275,12 @@ class Trainer:
         with _preprocessor_bypassed(self.model):
             return self.model.evaluate(dataset, return_dict=True, verbose=0)
 
-    def _save(self, state):
+    def save_checkpoint(self, state):
+        """Atomically checkpoint the model, its optimizer and `state`; tell the observers.
+
+        Returns:
+            The new `keras_glam.training.checkpointing.Checkpoint`.
+        """
         checkpoint = self.manager.save(self.model, state.to_dict())
         logger.info("Saved checkpoint %s (step %d).", checkpoint.path, checkpoint.step)
         for callback in self.callbacks:
@@ -314,7 +319,7 @@ class Trainer:
         restored.consecutive_failures = consecutive_failures
         restored.rollback_step = target.step
         restored.events = state.events + [note]
-        self._save(restored)
+        self.save_checkpoint(restored)
         return restored
 
 
@@ -391,7 +396,7 @@ class _ChunkMonitor(keras.callbacks.Callback):
         state.expert_load.extend(
             [step, fractions.tolist()] for step, fractions in self.expert_load.history
         )
-        self.trainer._save(state)
+        self.trainer.save_checkpoint(state)
 
 
 def check_training_batches(dataset, model, description="training data"):

@@ -15,22 +15,13 @@ import common
 common.use_cpu_devices(8)
 
 import jax  # noqa: E402
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_glam import distribution as glam_distribution  # noqa: E402
 
 TRAINING_STEPS = 3
-
-
-class _StepLosses(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.losses = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.losses.append(float(logs["cross_entropy"]))
+PROMPT_LENGTH = 8
 
 
 def loss_and_gradients(lm, batch, distribution=None):
@@ -72,13 +63,13 @@ def worst_difference(actual, expected):
     return max(relative_difference(actual[key], expected[key]) for key in expected)
 
 
-def train(lm, distribution=None):
+def train(lm):
     """`fit` a few steps on a `tf.data` pipeline; per-step cross-entropy and final weights."""
     inputs, labels, weights = common.token_batch(seed=2, rows=common.BATCH_ROWS * TRAINING_STEPS)
     dataset = tf.data.Dataset.from_tensor_slices((inputs, labels, weights)).batch(
         common.BATCH_ROWS, drop_remainder=True
     )
-    recorder = _StepLosses()
+    recorder = common.step_loss_recorder()
     lm.fit(dataset, epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
     return recorder.losses, {v.path: np.asarray(v.value) for v in lm.trainable_variables}
 
@@ -87,8 +78,8 @@ def _prompts():
     """8 left-aligned prompts (one per batch shard: `generate` splits its batch like `fit`)."""
     rng = np.random.default_rng(3)
     lengths = rng.integers(2, 6, size=common.BATCH_ROWS)
-    mask = (np.arange(8)[None, :] < lengths[:, None]).astype("int32")
-    tokens = rng.integers(1, common.CONFIG["vocabulary_size"], (common.BATCH_ROWS, 8))
+    mask = (np.arange(PROMPT_LENGTH)[None, :] < lengths[:, None]).astype("int32")
+    tokens = rng.integers(1, common.CONFIG["vocabulary_size"], (common.BATCH_ROWS, PROMPT_LENGTH))
     return {"token_ids": tokens.astype("int32") * mask, "padding_mask": mask}
 
 
@@ -116,7 +107,9 @@ def check_gradients():
     one_group.compile()
     one_group.set_weights(weights)
     result["one_group_loss"] = loss_and_gradients(one_group, batch)[0]
-    expected_tokens = references[8].generate(prompts, max_length=8, stop_token_ids=None)
+    expected_tokens = references[8].generate(
+        prompts, max_length=PROMPT_LENGTH, stop_token_ids=None
+    )
     result["reference_tokens"] = np.asarray(expected_tokens["token_ids"]).tolist()
 
     meshes = {
@@ -149,7 +142,7 @@ def check_gradients():
                 ),
             }
             if name == "data2_expert4":
-                tokens = lm.generate(prompts, max_length=8, stop_token_ids=None)
+                tokens = lm.generate(prompts, max_length=PROMPT_LENGTH, stop_token_ids=None)
                 outcome["tokens"] = np.asarray(tokens["token_ids"]).tolist()
             result[name] = outcome
     return result

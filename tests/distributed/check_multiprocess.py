@@ -36,23 +36,6 @@ def _datasets():
     return training, evaluation
 
 
-class _StepLosses:
-    """A Keras callback recording each step's cross-entropy (built lazily: keras import)."""
-
-    def __new__(cls):
-        import keras
-
-        class Recorder(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.losses = []
-
-            def on_train_batch_end(self, batch, logs=None):
-                self.losses.append(float(logs["cross_entropy"]))
-
-        return Recorder()
-
-
 def train(process_id, port, output_dir):
     common.use_cpu_devices(4)
     import jax
@@ -80,7 +63,7 @@ def train(process_id, port, output_dir):
             shard.data.shape[0] for shard in expert_kernel.value.addressable_shards
         )
         lm.compile()
-        recorder = _StepLosses()
+        recorder = common.step_loss_recorder()
         lm.fit(training, epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
         result["step_losses"] = recorder.losses
         result["evaluation"] = lm.evaluate(evaluation, verbose=0, return_dict=True)
@@ -105,7 +88,7 @@ def train(process_id, port, output_dir):
         )
         reference.set_weights(initial_weights)
         reference.compile()
-        recorder = _StepLosses()
+        recorder = common.step_loss_recorder()
         reference.fit(training, epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
         result["reference_step_losses"] = recorder.losses
     with open(os.path.join(output_dir, f"process_{process_id}.json"), "w") as file:

@@ -20,7 +20,7 @@ def check_environment():
     return env
 
 
-def run_check(script, *args, timeout=300):
+def run_check(script, *args, timeout=420):
     """Run `script` with `args`, return its `RESULT` JSON; raise with its output on failure."""
     completed = subprocess.run(
         [sys.executable, str(CHECKS / script), *map(str, args)],

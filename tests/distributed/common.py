@@ -59,5 +59,20 @@ def build_causal_lm(seed, **overrides):
     return keras_glam.GLaMCausalLM(keras_glam.GLaMBackbone(**{**CONFIG, **overrides}))
 
 
+def step_loss_recorder():
+    """A Keras callback whose `losses` list gets each training step's cross-entropy."""
+    import keras
+
+    class StepLosses(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.losses = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.losses.append(float(logs["cross_entropy"]))
+
+    return StepLosses()
+
+
 def emit(result):
     print("RESULT " + json.dumps(result), flush=True)
