@@ -30,6 +30,7 @@ setup(
         "huggingface-hub>=2.4.0,<3",
         "numpy>=1.26",
         "matplotlib>=3.8",
+        "tensorboard>=2.21,<2.22",
     ],
     extras_require={
         "tests": ["pytest>=8", "grain>=0.2.18"],
