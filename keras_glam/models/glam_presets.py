@@ -23,19 +23,27 @@ SMALL_VOCABULARY_FILE = "pydoc_4k.spm"
 SMALL_VOCABULARY_SIZE = 4096
 
 
+def _config(vocabulary_size, num_layers, hidden_dim, intermediate_dim, num_heads, head_dim,
+            num_experts):
+    return {
+        "vocabulary_size": vocabulary_size,
+        "num_layers": num_layers,
+        "hidden_dim": hidden_dim,
+        "intermediate_dim": intermediate_dim,
+        "num_heads": num_heads,
+        "head_dim": head_dim,
+        "num_experts": num_experts,
+        **_GLAM_DEFAULTS,
+    }
+
+
 def _paper_row(num_layers, hidden_dim, intermediate_dim, num_heads, head_dim, num_experts, title):
     experts = f" with {num_experts} experts per MoE layer" if num_experts else ", dense"
     return {
-        "config": {
-            "vocabulary_size": PAPER_VOCABULARY_SIZE,
-            "num_layers": num_layers,
-            "hidden_dim": hidden_dim,
-            "intermediate_dim": intermediate_dim,
-            "num_heads": num_heads,
-            "head_dim": head_dim,
-            "num_experts": num_experts,
-            **_GLAM_DEFAULTS,
-        },
+        "config": _config(
+            PAPER_VOCABULARY_SIZE, num_layers, hidden_dim, intermediate_dim, num_heads, head_dim,
+            num_experts,
+        ),
         "vocabulary": None,
         "description": (
             f"GLaM {title} from the paper's Table 4: {num_layers} layers, hidden "
@@ -49,16 +57,10 @@ def _paper_row(num_layers, hidden_dim, intermediate_dim, num_heads, head_dim, nu
 def _small_row(num_layers, hidden_dim, intermediate_dim, num_heads, head_dim, num_experts, purpose):
     kind = f"MoE, {num_experts} experts on even layers" if num_experts else "dense"
     return {
-        "config": {
-            "vocabulary_size": SMALL_VOCABULARY_SIZE,
-            "num_layers": num_layers,
-            "hidden_dim": hidden_dim,
-            "intermediate_dim": intermediate_dim,
-            "num_heads": num_heads,
-            "head_dim": head_dim,
-            "num_experts": num_experts,
-            **_GLAM_DEFAULTS,
-        },
+        "config": _config(
+            SMALL_VOCABULARY_SIZE, num_layers, hidden_dim, intermediate_dim, num_heads, head_dim,
+            num_experts,
+        ),
         "vocabulary": SMALL_VOCABULARY_FILE,
         "description": (
             f"Small GLaM ({kind}; {num_layers} layers, hidden {hidden_dim}) for {purpose}. "
