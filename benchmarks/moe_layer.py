@@ -191,7 +191,7 @@ def main(argv=None):
     print(
         f"T={args.tokens} M={args.model_dim} H={args.hidden_dim} E={args.experts} "
         f"top-{args.top_k} capacity_factor={args.capacity_factor} groups={args.groups} "
-        f"dispatch={args.dispatch} ({layers['MoEFeedForward']._dispatch_mode}) "
+        f"dispatch={args.dispatch} ({layers['MoEFeedForward']._dispatch_mode()}) "
         f"dtype={args.dtype} on {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPU cores visible"
     )
