@@ -1,16 +1,10 @@
 import numpy as np
 import pytest
+from glam_inputs import glam_inputs as _inputs
 
 import keras_glam
 from keras_glam.layers import GatedGeluFeedForward, MoEFeedForward
 from keras_glam.models.glam_backbone import attention_mask_from_segments
-
-
-def _inputs(token_ids, padding_mask=None):
-    token_ids = np.asarray(token_ids, "int32")
-    if padding_mask is None:
-        padding_mask = np.ones_like(token_ids)
-    return {"token_ids": token_ids, "padding_mask": np.asarray(padding_mask, "int32")}
 
 
 def test_moe_on_even_layers_dense_on_odd(tiny_config):

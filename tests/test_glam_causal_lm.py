@@ -1,19 +1,13 @@
 import keras
 import numpy as np
 import pytest
+from glam_inputs import glam_inputs as _inputs
 
 import keras_glam
 
 
 def _lm(config, **kwargs):
     return keras_glam.GLaMCausalLM(keras_glam.GLaMBackbone(**config, **kwargs))
-
-
-def _inputs(token_ids, padding_mask=None):
-    token_ids = np.asarray(token_ids, "int32")
-    if padding_mask is None:
-        padding_mask = np.ones_like(token_ids)
-    return {"token_ids": token_ids, "padding_mask": np.asarray(padding_mask, "int32")}
 
 
 def test_logits_are_the_tied_embedding_scaled_by_inverse_sqrt_hidden(tiny_config):

@@ -41,7 +41,6 @@ from keras_glam.hub import resolve_token
 from keras_glam.hub import validate_preset_dir
 from keras_glam.hub.retry import is_transient
 
-pytest_plugins = ("hub_server",)  # the `hub_server` fixture
 
 HANDLE = f"hf://{WRITABLE_ORG}/glam-tiny"
 REPO_ID = f"{WRITABLE_ORG}/glam-tiny"

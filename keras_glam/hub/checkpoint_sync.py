@@ -32,7 +32,6 @@ repository and branch would interleave their checkpoints.
 
 import collections
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -65,6 +64,7 @@ from keras_glam.models.parameter_count import count_params
 from keras_glam.training.checkpointing import STATE_FILE
 from keras_glam.training.checkpointing import CheckpointManager
 from keras_glam.training.checkpointing import CorruptCheckpointError
+from keras_glam.training.checkpointing import file_sha256
 from keras_glam.training.checkpointing import parse_checkpoint_name
 
 logger = logging.getLogger(__name__)
@@ -169,20 +169,12 @@ def training_metrics(state, step):
     }
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _manifest(checkpoint, file_names):
     """The manifest of a checkpoint folder: deterministic bytes (a retried commit is a no-op)."""
     files = {}
     for name in file_names:
         path = os.path.join(checkpoint.path, name)
-        files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+        files[name] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
     record = {
         "format": MANIFEST_FORMAT,
         "name": os.path.basename(checkpoint.path),
@@ -396,7 +388,7 @@ class CheckpointRepository:
                     raise _IncompleteCheckpoint(
                         f"{name} has {size} bytes, its manifest says {expected['bytes']}"
                     )
-                if _sha256(path) != expected["sha256"]:
+                if file_sha256(path) != expected["sha256"]:
                     raise _IncompleteCheckpoint(f"{name} does not match its manifest's SHA-256")
             try:
                 return manager.adopt(os.path.join(files_root, folder), remote.name)

@@ -219,7 +219,7 @@ class CheckpointManager:
                     f"{name} has {size} bytes, the manifest says {expected['bytes']} "
                     "(truncated or partially copied)"
                 )
-            if _sha256(path) != expected["sha256"]:
+            if file_sha256(path) != expected["sha256"]:
                 raise CorruptCheckpointError(f"{name} does not match its SHA-256 checksum")
         return record["state"]
 
@@ -246,7 +246,7 @@ class CheckpointManager:
             for file_name in (WEIGHTS_FILE, OPTIMIZER_FILE):
                 path = os.path.join(temporary, file_name)
                 _fsync(path)
-                files[file_name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+                files[file_name] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
             record = {
                 "format_version": FORMAT_VERSION,
                 "sequence": sequence,
@@ -353,7 +353,8 @@ def _read_optimizer_variables(model, path):
             variable.assign(value)
 
 
-def _sha256(path):
+def file_sha256(path):
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
