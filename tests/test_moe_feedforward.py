@@ -214,7 +214,7 @@ def assert_matches_reference(moe, x, padding_mask, training, num_groups, capacit
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("path", ["einsum", "sort", "dropless"])
+@pytest.mark.parametrize("path", ["einsum", "sort", "sort_loop", "dropless"])
 def test_matches_dense_reference_without_drops(path, top_k):
     x = _inputs(batch=4, length=16)
     if path == "dropless":
@@ -235,7 +235,9 @@ def test_dropless_decoding_sized_input_matches_reference():
     assert_matches_reference(moe, x, None, False, num_groups=1, capacity=None)
 
 
-@pytest.mark.parametrize("dispatch, top_k", [("einsum", 2), ("sort", 2), ("sort", 1)])
+@pytest.mark.parametrize(
+    "dispatch, top_k", [("einsum", 2), ("sort", 2), ("sort", 1), ("sort_loop", 2), ("sort_loop", 1)]
+)
 def test_matches_reference_with_drops(dispatch, top_k):
     x = _inputs(batch=2, length=32)
     # A sharpened router and capacity_factor 1.0 (C = 8 per group of 32) force drops.
@@ -253,7 +255,7 @@ def test_dispatch_modes_agree_with_drops_including_expert_inputs():
     cotangent = np.random.default_rng(1).normal(size=x.shape).astype("float32")
     weights = None
     results = {}
-    for dispatch in ("einsum", "sort"):
+    for dispatch in ("einsum", "sort", "sort_loop"):
         moe = _make_layer(
             x, dispatch=dispatch, num_groups=4, capacity_factor=1.0, router_scale=4.0
         )
@@ -261,7 +263,8 @@ def test_dispatch_modes_agree_with_drops_including_expert_inputs():
         moe.set_weights(weights)
         outputs, _, grads, input_grad = layer_outputs_and_grads(moe, x, cotangent, padding_mask)
         assert _np(moe.dropped_fraction)[0] > 0
-        results[dispatch] = (outputs, grads, input_grad, _expert_inputs(moe, x, padding_mask))
+        expert_inputs = None if dispatch == "sort_loop" else _expert_inputs(moe, x, padding_mask)
+        results[dispatch] = (outputs, grads, input_grad, expert_inputs)
     outputs, grads, input_grad, expert_inputs = results["einsum"]
     sort_outputs, sort_grads, sort_input_grad, sort_expert_inputs = results["sort"]
     # [E, G, C, M] = [4, 4, C, 8] with C = expert_capacity(16, 4, 1.0) = 4.
@@ -271,6 +274,12 @@ def test_dispatch_modes_agree_with_drops_including_expert_inputs():
     np.testing.assert_allclose(sort_input_grad, input_grad, rtol=1e-5, atol=1e-6)
     for name in grads:
         np.testing.assert_allclose(sort_grads[name], grads[name], rtol=1e-5, atol=1e-6)
+    # The expert loop packs each expert's rows across groups ([E, G * C, M]): same results.
+    loop_outputs, loop_grads, loop_input_grad, _ = results["sort_loop"]
+    np.testing.assert_allclose(loop_outputs, outputs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loop_input_grad, input_grad, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        np.testing.assert_allclose(loop_grads[name], grads[name], rtol=1e-5, atol=1e-6)
 
 
 def _expert_inputs(moe, x, padding_mask):
@@ -306,7 +315,7 @@ def _hand_worked_layer(dispatch):
     return moe, x, probs
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "sort"])
+@pytest.mark.parametrize("dispatch", ["einsum", "sort", "sort_loop"])
 def test_hand_worked_drops_and_statistics(dispatch):
     moe, x, probs = _hand_worked_layer(dispatch)
     (outputs, routing), losses = run_layer(moe, x, training=True, return_routing=True)
@@ -345,7 +354,7 @@ def test_hand_worked_drops_and_statistics(dispatch):
     np.testing.assert_allclose(_np(moe.dropped_fraction), [2 / 8, 6 / 8])
 
 
-@pytest.mark.parametrize("path", ["einsum", "sort", "dropless"])
+@pytest.mark.parametrize("path", ["einsum", "sort", "sort_loop", "dropless"])
 def test_experts_without_tokens_get_zero_gradients(path):
     x = _inputs(batch=4, length=16)
     x[..., 0] = 1.0
@@ -364,7 +373,7 @@ def test_experts_without_tokens_get_zero_gradients(path):
         assert grad[:2].any()
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "sort"])
+@pytest.mark.parametrize("dispatch", ["einsum", "sort", "sort_loop"])
 def test_padding_is_not_routed(dispatch):
     x = _inputs(batch=2, length=32, seed=5)
     padding_mask = np.ones((2, 32), "int32")

@@ -291,7 +291,7 @@ def _activation_bytes_per_token(config, sizes, sequence_length, group_size, capa
 
 def _dispatch_mode(config):
     # "auto" picks einsum on TPU, where large models train; the plan assumes that.
-    return "sort" if config.get("dispatch") == "sort" else "einsum"
+    return "sort" if config.get("dispatch") in ("sort", "sort_loop") else "einsum"
 
 
 def _bytes(dtype):

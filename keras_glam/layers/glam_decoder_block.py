@@ -24,7 +24,7 @@ class GLaMDecoderBlock(keras.layers.Layer):
         eval_capacity_factor: float or None. Capacity factor outside training; None routes
             without dropping.
         num_routing_groups: int or None. Routing groups; None: one per batch shard.
-        dispatch: str. MoE dispatch implementation (`"auto"`, `"einsum"`, `"sort"`).
+        dispatch: str. MoE dispatch implementation (`"auto"`, `"einsum"`, `"sort"`, `"sort_loop"`).
         expert_activation: str. Activation of the two-matrix experts (ReLU in Google's code).
         aux_loss_weight: float. Weight of this layer's load-balancing loss.
         use_zero_logit: bool. Add GLaM's extra attention logit 0.0.

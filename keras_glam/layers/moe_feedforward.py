@@ -6,10 +6,11 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
+from keras_glam.layers.expert_loop import expert_loop_ffn
 from keras_glam.layers.routing import TopKRouter
 from keras_glam.layers.routing import expert_capacity
 
-_DISPATCH_MODES = ("auto", "einsum", "sort")
+_DISPATCH_MODES = ("auto", "einsum", "sort", "sort_loop")
 _MAX_DROPLESS_BLOCK = 128
 
 
@@ -35,7 +36,13 @@ class MoEFeedForward(keras.layers.Layer):
     - `"sort"`: integer slot maps and row gathers, `O(T * k * M)` data movement and no `S * C`
       term. Its backward pass is written with gathers too (a custom gradient), never a
       scatter-add.
-    - `"auto"`: `"einsum"` on TPU or under a `keras.distribution`, `"sort"` otherwise.
+    - `"sort_loop"`: the gathers of `"sort"` into `[E, G * C, M]` buffers holding each expert's
+      tokens first, then a loop over experts that multiplies only the filled rows (rounded up to
+      16; `expert_loop.expert_loop_ffn`), forward and backward: no FLOPs on empty slots. Fastest on
+      CPU; JAX only, one device (it does not partition), float experts (int8 experts use the
+      batched matmuls of `"sort"`).
+    - `"auto"`: `"einsum"` on TPU or under a `keras.distribution`, `"sort_loop"` on CPU (JAX),
+      `"sort"` otherwise.
 
     Evaluation and decoding (`training` falsy) with `eval_capacity_factor=None` drop no token and
     still compute only the chosen experts: the `T * k` choices are laid out sorted by expert, each
@@ -69,7 +76,7 @@ class MoEFeedForward(keras.layers.Layer):
         num_groups: int or None, routing groups `G`. None: one per batch shard, the number of
             devices the active `keras.distribution` splits the batch over (`data x expert` under
             `keras_glam.distribution.expert_parallel`; 1 without one). `B * L` must divide by it.
-        dispatch: `"auto"`, `"einsum"` or `"sort"`, see above.
+        dispatch: `"auto"`, `"einsum"`, `"sort"` or `"sort_loop"`, see above.
         activation: expert activation (GLaM: `"relu"`).
         aux_loss_weight: float, weight of the load-balance loss (GLaM: 0.01 per MoE layer).
         kernel_initializer: initializer of both expert kernels. Default `"lecun_uniform"`: uniform
@@ -182,13 +189,16 @@ class MoEFeedForward(keras.layers.Layer):
 
         GShard's einsums on TPU and whenever a distribution is active (the gather of `"sort"`
         indexes tokens globally, so under expert parallelism XLA would gather every token onto
-        every device instead of exchanging them all-to-all); `"sort"` otherwise.
+        every device instead of exchanging them all-to-all); the expert loop on CPU, where
+        batched matmuls are slow and skipping empty slots pays; `"sort"` otherwise (GPU).
         """
         if self.dispatch != "auto":
             return self.dispatch
-        on_tpu = keras.distribution.list_devices()[0].lower().startswith("tpu")
-        if on_tpu or keras.distribution.distribution() is not None:
+        platform = keras.distribution.list_devices()[0].lower()
+        if platform.startswith("tpu") or keras.distribution.distribution() is not None:
             return "einsum"
+        if platform.startswith("cpu") and keras.config.backend() == "jax":
+            return "sort_loop"
         return "sort"
 
     def call(self, inputs, padding_mask=None, training=None, return_routing=False):
@@ -223,7 +233,8 @@ class MoEFeedForward(keras.layers.Layer):
         group_mask = None if is_real is None else ops.reshape(is_real, (num_groups, group_size))
         routing = self.router(grouped, padding_mask=group_mask, capacity=capacity)
         instructions = routing.instructions
-        if self._dispatch_mode() == "einsum":
+        mode = self._dispatch_mode()
+        if mode == "einsum":
             dispatch_mask, combine_tensor = _one_hot_dispatch_tensors(
                 instructions, self.num_experts, capacity, self.compute_dtype
             )
@@ -232,6 +243,20 @@ class MoEFeedForward(keras.layers.Layer):
                 self._run_experts(self._constrain_expert_inputs(expert_inputs))
             )
             outputs = ops.einsum("gsec,egcm->gsm", combine_tensor, expert_outputs)
+            return ops.reshape(outputs, (num_tokens, model_dim)), routing
+        if mode == "sort_loop" and self._experts_are_float():
+            slots = _packed_slot_map(instructions, self.num_experts, capacity)
+            expert_inputs = ops.reshape(
+                _gather_into_slots(tokens, slots),
+                (self.num_experts, num_groups * capacity, model_dim),
+            )
+            expert_outputs = expert_loop_ffn(
+                expert_inputs,
+                ops.cast(self.expert_wi.kernel, self.compute_dtype),
+                ops.cast(self.expert_wo.kernel, self.compute_dtype),
+                ops.cast(routing.metrics.dispatched_per_expert, "int32"),
+                self.activation,
+            )
         else:
             slots = _capacity_slot_map(instructions, self.num_experts, capacity)
             expert_inputs = ops.reshape(
@@ -241,11 +266,11 @@ class MoEFeedForward(keras.layers.Layer):
             expert_outputs = self._constrain_expert_outputs(
                 self._run_experts(self._constrain_expert_inputs(expert_inputs))
             )
-            outputs = _combine_from_slots(
-                ops.reshape(expert_outputs, (-1, model_dim)),
-                slots,
-                _flat_choices(instructions.combine_weights),
-            )
+        outputs = _combine_from_slots(
+            ops.reshape(expert_outputs, (-1, model_dim)),
+            slots,
+            _flat_choices(instructions.combine_weights),
+        )
         return ops.reshape(outputs, (num_tokens, model_dim)), routing
 
     def _constrain_expert_inputs(self, expert_inputs):
@@ -279,6 +304,9 @@ class MoEFeedForward(keras.layers.Layer):
             if layout is not None:
                 tensor = keras.distribution.distribute_tensor(tensor, layout)
         return tensor
+
+    def _experts_are_float(self):
+        return self.expert_wi.quantization_mode is None and self.expert_wo.quantization_mode is None
 
     def _run_experts(self, expert_inputs):
         """`[E, G, C, M]` -> `[E, G, C, M]`, each expert on its own buffer."""
@@ -377,11 +405,39 @@ def _flat_choices(per_group):
 
 def _capacity_slot_map(instructions, num_experts, capacity):
     """Slots laid out as `[E, G, C]`: slot `(e * G + g) * C + position`."""
-    num_groups, _, top_k = instructions.expert_index.shape
+    num_groups = instructions.expert_index.shape[0]
     group_index = ops.arange(num_groups, dtype="int32")[:, None, None]
     slot = (instructions.expert_index * num_groups + group_index) * capacity
-    slot = slot + instructions.expert_position
-    num_slots = num_experts * num_groups * capacity
+    return _dispatched_slot_map(instructions, slot, num_experts * num_groups * capacity)
+
+
+def _packed_slot_map(instructions, num_experts, capacity):
+    """Slots laid out as `[E, G * C]` with each expert's dispatched choices first.
+
+    Expert `e`'s rows hold group 0's claims in slot order, then group 1's, ...: slot
+    `e * G * C + (claims kept on e by earlier groups) + position`, so its first
+    `dispatched_per_expert[e]` rows are exactly the filled ones.
+    """
+    num_groups, group_size, top_k = instructions.expert_index.shape
+    slot = instructions.expert_index * (num_groups * capacity)
+    if num_groups > 1:
+        kept = ops.one_hot(instructions.expert_index, num_experts, dtype="int32")
+        kept = kept * ops.cast(instructions.dispatched, "int32")[..., None]
+        kept_per_group = ops.sum(kept, axis=(1, 2))
+        kept_by_earlier_groups = ops.cumsum(kept_per_group, axis=0) - kept_per_group
+        offset = ops.take_along_axis(
+            kept_by_earlier_groups,
+            ops.reshape(instructions.expert_index, (num_groups, group_size * top_k)),
+            axis=1,
+        )
+        slot = slot + ops.reshape(offset, instructions.expert_index.shape)
+    return _dispatched_slot_map(instructions, slot, num_experts * num_groups * capacity)
+
+
+def _dispatched_slot_map(instructions, slot_of_first_position, num_slots):
+    """The `_SlotMap` of choices at `slot_of_first_position + expert_position`; dropped choices
+    and padding get no slot."""
+    slot = slot_of_first_position + instructions.expert_position
     slot = ops.where(instructions.dispatched, slot, num_slots)
     return _invert_slots(_flat_choices(slot), num_slots)
 
@@ -405,13 +461,14 @@ def _block_slot_map(instructions, dispatched_per_expert, block_size):
     padded_counts = (counts + block_size - 1) // block_size * block_size
     padded_end = ops.cumsum(padded_counts)
     padded_start = padded_end - padded_counts
-    row = ops.take(padded_start, instructions.expert_index) + instructions.expert_position
-    row = ops.where(instructions.dispatched, row, num_rows)
+    slots = _dispatched_slot_map(
+        instructions, ops.take(padded_start, instructions.expert_index), num_rows
+    )
     block_start = ops.arange(0, num_rows, block_size, dtype="int32")
     block_expert = ops.sum(ops.cast(padded_end[None, :] <= block_start[:, None], "int32"), axis=1)
     # Blocks past the last expert's run hold only empty rows; any valid expert will do.
     block_expert = ops.minimum(block_expert, num_experts - 1)
-    return _invert_slots(_flat_choices(row), num_rows), block_expert
+    return slots, block_expert
 
 
 def _invert_slots(slot_of_choice, num_slots):

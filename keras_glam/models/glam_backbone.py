@@ -68,7 +68,8 @@ class GLaMBackbone(keras_hub.models.Backbone):
         capacity_factor: float. GShard capacity factor in training (both choices counted).
         eval_capacity_factor: float or None. Capacity outside training; None never drops.
         num_routing_groups: int or None. Routing groups; None: one per batch shard.
-        dispatch: str. `"auto"`, `"einsum"` (GShard one-hot einsums) or `"sort"` (gather).
+        dispatch: str. `"auto"`, `"einsum"` (GShard one-hot einsums), `"sort"` (gather) or
+            `"sort_loop"` (gather, then a loop over experts on their filled rows: CPU).
         expert_activation: str. Expert activation (ReLU in Google's GLaM code).
         aux_loss_weight: float. Load-balancing loss weight per MoE layer (0.01).
         use_zero_logit: bool. GLaM's extra attention logit 0.0.
