@@ -11,9 +11,11 @@ Three layers with the same tokens `T`, model dim `M`, expert hidden dim `H`, `E`
 
 Each step is `jax.value_and_grad` of `sum(outputs * cotangent) + added losses` with respect to the
 trainable weights and the inputs, through `layer.stateless_call`, compiled with `jax.jit`. Every
-implementation is compiled and warmed up first; then the timed repetitions run round-robin, so a
-noisy neighbour on a shared machine slows all of them alike. The report gives medians, and ratios
-to the dense FFN measured in the same run: compare ratios, not absolute times across runs. A second
+implementation is compiled and warmed up first; then the timed repetitions of `MoEFeedForward` and
+the dense FFN run round-robin, so a noisy neighbour on a shared machine slows both alike, and the
+KerasHub block is timed after them (its temporaries of several GB disturb whatever runs next).
+The report gives medians, and ratios to the dense FFN measured in the same run: compare ratios,
+not absolute times across runs. A second
 table times the forward pass alone: the evaluation path (no capacity, no drops) against the
 training path and the dense FFN.
 
@@ -58,8 +60,8 @@ def parse_args(argv=None):
         "--dispatch", default="auto", choices=["auto", "einsum", "sort", "sort_loop"]
     )
     parser.add_argument("--groups", type=int, default=1, help="routing groups G")
-    parser.add_argument("--router-scale", type=float, default=1.0,
-                        help="multiply the router kernel: > 1 skews routing (more drops)")
+    parser.add_argument("--router-skew", type=float, default=0.0,
+                        help="> 0 favours high-index experts (uneven load, more drops)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--keras-hub-repeats", type=int, default=2)
     parser.add_argument("--skip-keras-hub", action="store_true")
@@ -88,7 +90,11 @@ def build_layers(args):
         name="moe",
     )
     moe.build(input_shape)
-    moe.router.kernel.assign(args.router_scale * moe.router.kernel.value)
+    # Tokens share the component `skew * v` (see `make_inputs`), which the router maps to a logit
+    # offset growing with the expert index.
+    if args.router_skew:
+        offsets = np.outer(shared_direction(model_dim), np.linspace(0.0, 1.0, args.experts))
+        moe.router.kernel.assign(np.asarray(moe.router.kernel.value) + offsets)
     dense = keras.Sequential(
         [
             keras.layers.Dense(args.top_k * hidden_dim, activation="relu", use_bias=False),
@@ -109,6 +115,11 @@ def build_layers(args):
         mixtral.build(input_shape)
         layers["KerasHub MixtralSparseMoeBlock"] = mixtral
     return input_shape, layers
+
+
+def shared_direction(model_dim):
+    """The unit vector along which `--router-skew` shifts every token."""
+    return np.ones(model_dim) / np.sqrt(model_dim)
 
 
 def compile_step(layer, inputs, cotangent):
@@ -160,13 +171,12 @@ def time_once(compiled, state):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def run_round_robin(programs, repeats, limits):
-    """Time every program `repeats` times (at most `limits[name]`), alternating between them."""
+def run_round_robin(programs, repeats):
+    """Time every program `repeats` times, alternating between them."""
     times = {name: [] for name in programs}
-    for repeat in range(repeats):
+    for _ in range(repeats):
         for name, (compiled, state) in programs.items():
-            if repeat < limits.get(name, repeats):
-                times[name].append(time_once(compiled, state))
+            times[name].append(time_once(compiled, state))
     return times
 
 
@@ -217,7 +227,8 @@ def main(argv=None):
     input_shape, layers = build_layers(args)
     rng = np.random.default_rng(0)
     compute_dtype = keras.config.dtype_policy().compute_dtype
-    inputs = jnp.asarray(rng.normal(size=input_shape), dtype=compute_dtype)
+    tokens = rng.normal(size=input_shape) + args.router_skew * shared_direction(args.model_dim)
+    inputs = jnp.asarray(tokens, dtype=compute_dtype)
     cotangent = jnp.asarray(rng.normal(size=input_shape), dtype="float32")
 
     print(
@@ -230,15 +241,24 @@ def main(argv=None):
     compiled = {}
     for name, layer in layers.items():
         step, state, compile_seconds, flops = compile_step(layer, inputs, cotangent)
-        time_once(step, state)  # warm-up
         compiled[name] = (step, state, compile_seconds, flops)
         print(f"  compiled {name} in {compile_seconds:.1f} s")
+    # The KerasHub block is timed after the others: interleaved, its multi-GB temporaries
+    # slowed the next MoEFeedForward step about 2.5x (allocator and cache state), which no
+    # training loop would see.
     keras_hub_name = "KerasHub MixtralSparseMoeBlock"
-    times = run_round_robin(
-        {name: (step, state) for name, (step, state, _, _) in compiled.items()},
-        args.repeats,
-        {keras_hub_name: args.keras_hub_repeats},
-    )
+    programs = {
+        name: (step, state)
+        for name, (step, state, _, _) in compiled.items()
+        if name != keras_hub_name
+    }
+    for program in programs.values():
+        time_once(*program)  # warm-up
+    times = run_round_robin(programs, args.repeats)
+    if keras_hub_name in compiled:
+        keras_hub_program = compiled[keras_hub_name][:2]
+        time_once(*keras_hub_program)  # warm-up
+        times.update(run_round_robin({keras_hub_name: keras_hub_program}, args.keras_hub_repeats))
 
     moe = layers["MoEFeedForward"]
     (_, non_trainable), _ = compiled["MoEFeedForward"][0](*compiled["MoEFeedForward"][1])
@@ -290,7 +310,7 @@ def main(argv=None):
     }
     for program in forward.values():
         time_once(*program)
-    times = run_round_robin(forward, args.repeats, {})
+    times = run_round_robin(forward, args.repeats)
     dense_wall, dense_cpu = medians(times[dense_name])
     print()
     print("Forward pass only:")

@@ -8,10 +8,13 @@ below the speed of one large matmul. This loop visits one expert at a time and m
 `lax.switch`) cover every count; its backward pass is written the same way (a `custom_vjp`), so
 neither pass touches the empty rows.
 
-Measured on a 2-core CPU (T=4096, M=256, H=1024, E=64, top-2, capacity factor 2.5, forward and
-backward of the experts alone): 1.31-1.37x the time of the FLOP-matched dense FFN, against 1.52-1.58x
-for the batched matmuls over all `[E, R]` rows. On GPUs and TPUs the batched matmuls win, and
-the loop does not partition under GSPMD: `MoEFeedForward` uses it for `dispatch="sort_loop"`.
+Measured on the project's 2-core CPU (T=4096, M=256, H=1024, E=64, top-2, capacity factor 2.5,
+forward and backward of the experts alone): 1.31-1.37x the time of the FLOP-matched dense FFN,
+against 1.52-1.58x for batched matmuls over all `[E, R]` rows (the whole layer: see
+`benchmarks/README.md`). `MoEFeedForward` uses the loop for `dispatch="sort_loop"`, the `"auto"`
+choice on CPU. It runs expert after expert and does not partition under GSPMD; on GPU, where a
+batched matmul is one large kernel, `"auto"` keeps the batched matmuls (not measured: no
+accelerator was available).
 
 Written in JAX (the loop and its hand-written backward pass have no Keras-ops equivalent).
 """
@@ -39,6 +42,17 @@ def expert_loop_ffn(expert_inputs, wi, wo, rows_per_expert, activation, row_bloc
 
     Returns:
         `[E, R, M]` in the dtype of the products.
+
+    Example:
+
+    >>> import jax, numpy as np
+    >>> x = np.ones((2, 8, 4), "float32")
+    >>> wi, wo = np.ones((2, 4, 3), "float32"), np.ones((2, 3, 4), "float32")
+    >>> y = expert_loop_ffn(x, wi, wo, np.array([5, 0], "int32"), jax.nn.relu)
+    >>> np.asarray(y)[0, :, 0].tolist()  # 4 * 3 = 12 in the 5 filled rows of expert 0
+    [12.0, 12.0, 12.0, 12.0, 12.0, 0.0, 0.0, 0.0]
+    >>> float(np.abs(np.asarray(y)[1]).sum())  # expert 1 has no rows
+    0.0
     """
     row_block = row_block or default_row_block(expert_inputs.shape[1])
     return _expert_loop(expert_inputs, wi, wo, rows_per_expert, activation, row_block)
@@ -105,7 +119,7 @@ def _forward(expert_inputs, wi, wo, rows_per_expert, activation, row_block):
         return carry, jax.lax.switch(_select_rows(rows, counts), branches, x, w_in, w_out, rows)
 
     _, (outputs, pre_activations) = jax.lax.scan(
-        expert, None, (expert_inputs, wi, wo, rows_per_expert), unroll=2
+        expert, None, (expert_inputs, wi, wo, rows_per_expert)
     )
     return outputs, pre_activations
 
@@ -147,7 +161,6 @@ def _expert_loop_backward(activation, row_block, residuals, output_grads):
         expert,
         None,
         (expert_inputs, wi, wo, pre_activations, output_grads, rows_per_expert),
-        unroll=2,
     )
     return input_grads, wi_grads, wo_grads, None
 
