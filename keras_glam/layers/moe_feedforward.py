@@ -26,9 +26,9 @@ class MoEFeedForward(keras.layers.Layer):
     Padding tokens are not routed and output zero.
 
     Capacity-based computation (training, or evaluation with `eval_capacity_factor`) gathers the
-    tokens into `expert_inputs` `[E, G, C, M]`, runs every expert on its `[G, C, M]` buffer with
-    batched matmuls and combines the outputs weighted by the gates. Two implementations produce
-    the same `expert_inputs`:
+    tokens into per-expert buffers, runs every expert on its buffer and combines the outputs
+    weighted by the gates. The first two modes produce the same `expert_inputs` `[E, G, C, M]`
+    and run the experts with batched matmuls; the third packs them differently and loops:
 
     - `"einsum"`: GShard's one-hot dispatch and combine tensors `[G, S, E, C]`
       (`einsum("gsec,gsm->egcm")`, `einsum("gsec,egcm->gsm")`). Extra FLOPs grow with `S`, so
