@@ -16,8 +16,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["keras_glam", "keras_glam.*"]),
-    package_data={"keras_glam": ["presets/*.spm"]},
+    # The builtin presets live in the top-level presets/ and install as keras_glam/presets/.
+    packages=find_packages(include=["keras_glam", "keras_glam.*"]) + ["keras_glam.presets"],
+    package_dir={"keras_glam.presets": "presets"},
+    package_data={"keras_glam.presets": ["*/*.json", "*/README.md", "*/assets/tokenizer/*"]},
     include_package_data=True,
     # Versions tested together: keras 3.15.1, keras-hub 0.32.0, jax 0.10.2, tensorflow-text
     # 2.21.1, sentencepiece 0.2.3, huggingface_hub 2.4.0 (Python 3.11, CPU).

@@ -17,6 +17,7 @@ module serves the subset of the Hub HTTP API that `huggingface_hub` 2.4 (and thr
 | `list_repo_tree` / `list_repo_files` | `GET /api/models/{repo}/tree/{rev}[/{path}]`      |
 | `get_paths_info`                     | `POST /api/models/{repo}/paths-info/{rev}`        |
 | `hf_hub_download` / `file_exists`    | `HEAD` and `GET /{repo}/resolve/{rev}/{path}`     |
+| `get_token` with `HF_OIDC_RESOURCE`  | `POST /oauth/token` (OIDC token exchange)         |
 
 Preupload always answers the "regular" upload mode (file contents travel base64-encoded inside the
 commit); LFS and Xet transfers are not implemented, so `HF_HUB_DISABLE_XET` must be on. Anything
@@ -28,9 +29,15 @@ token or with a read-only one), answers 404 with the `X-Error-Code` the client m
 payload (NDJSON commit lines, base64 contents, paths, the README's YAML front matter) and keeps the
 full history: every commit id stays downloadable. File contents live in a temporary directory.
 
-Fault injection: `fail_next(kind, times, status)` answers an HTTP error, `drop_next(kind, times,
+Fault injection: `fail_next(kind, times, status, headers=, message=)` answers an HTTP error (with
+extra headers such as `Retry-After`, and the error message given), `drop_next(kind, times,
 stage)` closes the connection without a (complete) answer, and `stop()` / `start()` (or `with
-server.down():`) take the whole server off its port and back. `kind` is one of `REQUEST_KINDS`.
+server.down():`) take the whole server off its port and back. `kind` is one of `REQUEST_KINDS`;
+`requests_of(kind)` lists what the server saw, e.g. how often `whoami` was asked.
+
+Trusted publishing: `POST /oauth/token` exchanges `oidc_id_token` (as a CI provider would mint
+it) for `oidc_token`, a write token valid for `expires_in=0` seconds, so that the client's
+in-process cache never serves it to a later test.
 
 Pointing the client at the server. `huggingface_hub.constants` reads `HF_ENDPOINT` once, at import,
 and `import keras` already imports `huggingface_hub` (`keras/src/saving/saving_lib.py`), so that
@@ -95,6 +102,7 @@ REQUEST_KINDS = (
     "paths_info",
     "file_metadata",  # HEAD .../resolve/...
     "download",  # GET .../resolve/...
+    "oidc_exchange",
     "unsupported",
 )
 DROP_STAGES = ("before_processing", "after_processing", "mid_body")
@@ -157,6 +165,8 @@ class _Repo:
 class _Fault:
     status: int | None = None
     drop_stage: str | None = None
+    headers: tuple = ()  # (name, value) pairs added to an HTTP error's answer
+    message: str | None = None
 
 
 class _HubError(Exception):
@@ -272,6 +282,8 @@ class HubServer:
             of `READ_ONLY_ORG` (read role).
         read_token: a "read" token of the same user.
         scoped_token: a fine-grained token of the same user that may write only under `USER`.
+        oidc_id_token: what a CI provider would mint; `POST /oauth/token` exchanges it for
+            `oidc_token`, a write token of the same user.
         requests: every request served, as `RecordedRequest`s.
 
     Example:
@@ -289,6 +301,8 @@ class HubServer:
         self.write_token = "hf_write_" + secrets.token_hex(16)
         self.read_token = "hf_read_" + secrets.token_hex(16)
         self.scoped_token = "hf_scoped_" + secrets.token_hex(16)
+        self.oidc_id_token = "oidc_id_" + secrets.token_hex(16)
+        self.oidc_token = "hf_oidc_" + secrets.token_hex(16)
         self._tokens = {
             self.write_token: HubToken("write", "write-token"),
             self.read_token: HubToken("read", "read-token"),
@@ -297,6 +311,7 @@ class HubServer:
                 "scoped-token",
                 scoped=(("user", USER, ("repo.content.read", "repo.write")),),
             ),
+            self.oidc_token: HubToken("write", "oidc-token"),
         }
         self._org_roles = {WRITABLE_ORG: "write", READ_ONLY_ORG: "read"}
         self._repos = {}
@@ -355,9 +370,14 @@ class HubServer:
     def close(self):
         self.stop()
 
-    def fail_next(self, kind, times=1, status=500):
-        """Answer the next `times` requests of `kind` with HTTP `status`, without acting on them."""
-        self._queue_faults(kind, times, _Fault(status=status))
+    def fail_next(self, kind, times=1, status=500, headers=None, message=None):
+        """Answer the next `times` requests of `kind` with HTTP `status`, without acting on them.
+
+        `headers` (a dict, e.g. `{"Retry-After": "3"}`) are added to the answers; `message`
+        replaces the error message (the `X-Error-Message` the client puts in its exception).
+        """
+        fault = _Fault(status=status, headers=tuple((headers or {}).items()), message=message)
+        self._queue_faults(kind, times, fault)
 
     def drop_next(self, kind, times=1, stage="before_processing"):
         """Close the connection on the next `times` requests of `kind`.
@@ -418,6 +438,7 @@ class HubServer:
         revision = rf"(?P<revision>{_SEGMENT})"
         return [
             _Route({"GET"}, r"/api/whoami-v2", "whoami", self._whoami),
+            _Route({"POST"}, r"/oauth/token", "oidc_exchange", self._oidc_exchange),
             _Route({"POST"}, r"/api/repos/create", "create_repo", self._create_repo),
             _Route({"POST"}, r"/api/validate-yaml", "validate_yaml", self._validate_yaml),
             _Route({"GET"}, repo, "repo_info", self._repo_info),
@@ -457,7 +478,11 @@ class HubServer:
         with self._lock:
             fault = self._faults[kind].popleft() if self._faults[kind] else None
         if fault is not None and fault.status is not None:
-            error = _HubError(fault.status, f"Injected fault: HTTP {fault.status}")
+            error = _HubError(
+                fault.status,
+                fault.message or f"Injected fault: HTTP {fault.status}",
+                headers=dict(fault.headers),
+            )
             response = self._error_response(error)
         elif fault is not None and fault.drop_stage == "before_processing":
             response = None
@@ -661,6 +686,15 @@ class HubServer:
 
     # ----------------------------------------------------------------------------------------
     # Endpoints.
+
+    def _oidc_exchange(self, request):
+        payload = request.json()
+        if payload.get("subject_token") != self.oidc_id_token or not payload.get("resource"):
+            raise _HubError(401, "Invalid OIDC id token or resource")
+        # expires_in=0: the client caches an exchanged token until it expires.
+        return self._json(
+            {"access_token": self.oidc_token, "token_type": "bearer", "expires_in": 0}
+        )
 
     def _whoami(self, request):
         token = request.token

@@ -1,11 +1,15 @@
 """GLaMAdafactor against an independent NumPy Adafactor, Keras' Adafactor, and the JAX API."""
 
+import contextlib
+import json
+
 import jax
 import keras
 import numpy as np
 import pytest
 
-from keras_glam.training import GLaMAdafactor, GLaMLearningRateSchedule
+from keras_glam.optimizers import GLaMAdafactor, GLaMLearningRateSchedule
+from keras_glam.optimizers.adafactor import GLAM_ATTENTION_AXIS_GROUPS
 
 # shape -> the axes GLaM's rule factors over (largest, second largest), worked out by hand.
 SHAPES_AND_FACTORED_AXES = {
@@ -17,6 +21,8 @@ SHAPES_AND_FACTORED_AXES = {
     (): None,
 }
 NUM_STEPS = 6
+# Step 3's gradients are 30x larger so that the update clipping triggers.
+GRADIENT_SCALES = [1.0, 0.5, 30.0, 1.0, 0.1, 2.0]
 
 
 def _rms(x):
@@ -35,10 +41,12 @@ def _reference_adafactor(
     epsilon_1=1e-30,
     epsilon_2=1e-3,
 ):
-    """Weights after each step, in float64, written from the Adafactor paper's Algorithm 4.
+    """Weights after each step, and the second-moment slots after the last, in float64,
+    written from the Adafactor paper's Algorithm 4.
 
     The factored estimate uses keepdims means: `R` (mean over the largest axis) and `C` (mean
-    over the second largest) broadcast against each other, `v = R * C / mean(R)`.
+    over the second largest) broadcast against each other, `v = R * C / mean(R)`. The slots
+    are `[v]` unfactored, else `[R, C]` without their reduced axes.
     """
     weight = initial_weight.astype(np.float64)
     second_moment = np.zeros_like(weight)
@@ -70,21 +78,22 @@ def _reference_adafactor(
             step = momentum
         weight = weight - step
         history.append(weight)
-    return history
+    if factored_axes is None:
+        return history, [second_moment]
+    return history, [row.squeeze(axis=largest), column.squeeze(axis=second)]
+
+
+def _weight_and_gradients(rng, shape):
+    weight = rng.normal(size=shape).astype("float32")
+    gradients = [(scale * rng.normal(size=shape)).astype("float32") for scale in GRADIENT_SCALES]
+    return weight, gradients
 
 
 def _problem(seed=0):
-    """Initial weights and per-step gradients; step 3's gradients are 30x larger so that the
-    update clipping triggers."""
+    """Initial weights and per-step gradients of every shape in SHAPES_AND_FACTORED_AXES."""
     rng = np.random.default_rng(seed)
-    weights, gradients = [], []
-    for shape in SHAPES_AND_FACTORED_AXES:
-        weights.append(rng.normal(size=shape).astype("float32"))
-        scales = [1.0, 0.5, 30.0, 1.0, 0.1, 2.0]
-        gradients.append(
-            [(scale * rng.normal(size=shape)).astype("float32") for scale in scales[:NUM_STEPS]]
-        )
-    return weights, gradients
+    weights, gradients = zip(*(_weight_and_gradients(rng, s) for s in SHAPES_AND_FACTORED_AXES))
+    return list(weights), list(gradients)
 
 
 def _run_stateful(optimizer, weights, gradients):
@@ -98,7 +107,7 @@ def _run_stateful(optimizer, weights, gradients):
 
 def _assert_matches_reference(history, weights, gradients, learning_rate, **options):
     for index, (shape, axes) in enumerate(SHAPES_AND_FACTORED_AXES.items()):
-        expected = _reference_adafactor(
+        expected, _ = _reference_adafactor(
             weights[index], gradients[index], axes, learning_rate, **options
         )
         for step in range(NUM_STEPS):
@@ -184,6 +193,159 @@ def test_factoring_options():
     assert GLaMAdafactor(min_dim_size_to_factor=9).factored_dims((64, 8)) is None
 
 
+# An attention kernel in KerasHub's layout, the 2-D matrix GLaM stores for it (Lingvo and praxis
+# `attention_combine_dims=True`), and the axes GLaM's rule factors that matrix over.
+ATTENTION_KERNELS = {
+    # Per axis, these three kept a full second moment (they have an axis < 128) ...
+    "query": ("decoder_block_0/attention/query/kernel", (256, 4, 64), (256, 256), (0, 1)),
+    "value_wide": ("attention/value/kernel", (128, 4, 64), (128, 256), (1, 0)),
+    "output": (
+        "decoder_block_3/attention/attention_output/kernel", (4, 64, 128), (256, 128), (0, 1)
+    ),
+    # ... and this one was factored over axes 0 and 2: separately for each head.
+    "key_per_head": ("attention/key/kernel", (256, 2, 128), (256, 256), (0, 1)),
+}
+
+
+def _variable_at(path, value):
+    """A variable whose `path` is `path`, as a layer nested in `path`'s scopes would make."""
+    *scopes, name = path.split("/")
+    with contextlib.ExitStack() as stack:
+        for scope in scopes:
+            stack.enter_context(keras.name_scope(scope))
+        return keras.Variable(value, name=name)
+
+
+def _second_moment_slots(optimizer):
+    return [v.numpy() for v in optimizer.variables if "second_moment" in v.path]
+
+
+@pytest.mark.parametrize(
+    "path, shape, matrix_shape, matrix_axes",
+    ATTENTION_KERNELS.values(),
+    ids=ATTENTION_KERNELS.keys(),
+)
+def test_attention_kernel_statistics_are_those_of_glams_matrix(
+    path, shape, matrix_shape, matrix_axes
+):
+    weight, gradients = _weight_and_gradients(np.random.default_rng(8), shape)
+    variable = _variable_at(path, weight)
+    optimizer = GLaMAdafactor(learning_rate=0.05)
+    # The same numbers as GLaM's matrix, through the same optimizer (no grouping applies).
+    matrix = keras.Variable(weight.reshape(matrix_shape), name="matrix")
+    matrix_optimizer = GLaMAdafactor(learning_rate=0.05)
+    expected, expected_slots = _reference_adafactor(
+        weight.reshape(matrix_shape),
+        [gradient.reshape(matrix_shape) for gradient in gradients],
+        matrix_axes,
+        lambda step: 0.05,
+    )
+    initial = weight.reshape(matrix_shape)
+    for step, gradient in enumerate(gradients):
+        optimizer.apply([gradient], [variable])
+        matrix_optimizer.apply([gradient.reshape(matrix_shape)], [matrix])
+        change = variable.numpy().reshape(matrix_shape) - initial
+        np.testing.assert_allclose(
+            change, expected[step] - initial, rtol=2e-4, atol=2e-6, err_msg=f"step {step}"
+        )
+        # Equal up to the rounding of the weights themselves (|W| < 5: an ulp is < 5e-7).
+        np.testing.assert_allclose(
+            change, matrix.numpy() - initial, rtol=1e-5, atol=1e-6, err_msg=f"step {step}"
+        )
+    slots = _second_moment_slots(optimizer)
+    assert [slot.size for slot in slots] == [slot.size for slot in expected_slots]
+    for slot, matrix_slot, expected_slot in zip(
+        slots, _second_moment_slots(matrix_optimizer), expected_slots
+    ):
+        np.testing.assert_allclose(slot.reshape(-1), expected_slot.reshape(-1), rtol=1e-5)
+        np.testing.assert_allclose(slot.reshape(-1), matrix_slot.reshape(-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "path, shape, expected",
+    [
+        # glam_small_16e: [M, N, Dh] = [256, 4, 64] is GLaM's [256, 256]; ties go to M.
+        ("decoder_block_0/attention/query/kernel", (256, 4, 64), ((0,), (1, 2))),
+        ("glam_backbone/decoder_block_1/attention/key/kernel", (256, 4, 64), ((0,), (1, 2))),
+        ("value/kernel", (256, 4, 64), ((0,), (1, 2))),
+        ("decoder_block_0/attention/attention_output/kernel", (4, 64, 256), ((0, 1), (2,))),
+        # glam_64b_64e: N * Dh = 16384 > M = 8192.
+        ("decoder_block_0/attention/query/kernel", (8192, 128, 128), ((1, 2), (0,))),
+        ("decoder_block_0/attention/attention_output/kernel", (128, 128, 8192), ((0, 1), (2,))),
+        # glam_tiny: [64, 2, 32] is GLaM's [64, 64], not factored.
+        ("decoder_block_0/attention/query/kernel", (64, 2, 32), None),
+        # Expert kernels stay 3-D, as in Lingvo and praxis: M and H, per expert.
+        ("decoder_block_0/moe/expert_wi/kernel", (64, 2048, 8192), ((2,), (1,))),
+        ("decoder_block_0/moe/expert_wo/kernel", (64, 8192, 2048), ((1,), (2,))),
+        ("decoder_block_0/moe/router/kernel", (2048, 64), None),
+        # A 2-D kernel named like an attention projection is not regrouped.
+        ("dense/query/kernel", (256, 512), ((1,), (0,))),
+        ("attention/query_norm/kernel", (256, 4, 128), ((0,), (2,))),
+    ],
+)
+def test_factored_axes_on_glams_view(path, shape, expected):
+    assert GLaMAdafactor().factored_axes(path, shape) == expected
+
+
+def test_axis_groups_are_configurable():
+    path, shape = "attention/key/kernel", (256, 2, 128)
+    assert GLaMAdafactor(axis_groups={}).factored_axes(path, shape) == ((0,), (2,))
+    custom = GLaMAdafactor(axis_groups={r".*key/kernel": ((0, 1), (2,))})
+    assert custom.variable_axis_groups(path, shape) == ((0, 1), (2,))
+    assert custom.factored_axes(path, shape) == ((0, 1), (2,))
+    # The default applies to query/value only through its own patterns, not the custom ones.
+    assert custom.variable_axis_groups("attention/query/kernel", shape) == ((0,), (1,), (2,))
+    assert GLaMAdafactor().axis_groups == GLAM_ATTENTION_AXIS_GROUPS
+
+    class PerHead(GLaMAdafactor):
+        def variable_axis_groups(self, path, shape):
+            return tuple((axis,) for axis in range(len(shape)))
+
+    assert PerHead().factored_axes(path, shape) == ((0,), (2,))
+
+
+def test_grouped_slot_shapes_and_layouts_under_model_parallel():
+    mesh = keras.distribution.DeviceMesh((1, 1), ("batch", "model"), jax.devices()[:1])
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*query/kernel"] = ("batch", "model", None)
+    layout_map[".*attention_output/kernel"] = ("model", None, "batch")
+    distribution = keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+    with distribution.scope():
+        query = _variable_at("attention/query/kernel", np.zeros((256, 4, 64), "float32"))
+        output = _variable_at(
+            "attention/attention_output/kernel", np.zeros((4, 64, 128), "float32")
+        )
+        optimizer = GLaMAdafactor()
+        optimizer.build([query, output])
+        optimizer.apply(
+            [np.ones((256, 4, 64), "float32"), np.ones((4, 64, 128), "float32")],
+            [query, output],
+        )
+    slots = {
+        v.path: (tuple(v.shape), v._layout.axes)
+        for v in optimizer.variables
+        if "second_moment" in v.path
+    }
+    assert slots == {
+        "glam_adafactor/attention_query_kernel_second_moment_mean_over_axis_0": (
+            (4, 64),
+            ("model", None),
+        ),
+        "glam_adafactor/attention_query_kernel_second_moment_mean_over_axes_1_2": (
+            (256,),
+            ("batch",),
+        ),
+        "glam_adafactor/attention_attention_output_kernel_second_moment_mean_over_axes_0_1": (
+            (128,),
+            ("batch",),
+        ),
+        "glam_adafactor/attention_attention_output_kernel_second_moment_mean_over_axis_2": (
+            (4, 64),
+            ("model", None),
+        ),
+    }
+
+
 def test_slot_shapes_and_dtypes():
     weights, _ = _problem()
     variables = [keras.Variable(w, name=f"w{i}") for i, w in enumerate(weights)]
@@ -243,8 +405,8 @@ def test_agrees_with_keras_adafactor_when_factoring_rules_agree(shape):
 def test_differs_from_keras_adafactor_on_small_matrices():
     # Keras factors a [64, 8] matrix; GLaM keeps its full second moment (8 < 128).
     (keras_change, glam_change), weight, gradients = _run_keras_and_glam((64, 8))
-    unfactored = _reference_adafactor(weight, gradients, None, lambda step: 0.01)[-1] - weight
-    factored = _reference_adafactor(weight, gradients, (0, 1), lambda step: 0.01)[-1] - weight
+    unfactored = _reference_adafactor(weight, gradients, None, lambda step: 0.01)[0][-1] - weight
+    factored = _reference_adafactor(weight, gradients, (0, 1), lambda step: 0.01)[0][-1] - weight
     np.testing.assert_allclose(glam_change, unfactored, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(keras_change, factored, rtol=1e-4, atol=1e-6)
     assert np.max(np.abs(glam_change - keras_change)) > 0.1 * np.max(np.abs(glam_change))
@@ -290,7 +452,7 @@ def test_bfloat16_variable_is_updated_from_float32_statistics():
     variable = keras.Variable(weight, dtype="bfloat16")
     GLaMAdafactor(learning_rate=0.05).apply([gradient], [variable])
     rounded = np.asarray(keras.ops.cast(keras.ops.cast(weight, "bfloat16"), "float32"))
-    expected = _reference_adafactor(rounded, [gradient], (0, 1), lambda step: 0.05)[0]
+    expected = _reference_adafactor(rounded, [gradient], (0, 1), lambda step: 0.05)[0][0]
     actual = np.asarray(keras.ops.cast(variable.value, "float32"))
     np.testing.assert_allclose(actual, expected, rtol=1e-2, atol=1e-2)
 
@@ -306,14 +468,17 @@ def test_serialization_round_trip():
         epsilon_2=1e-2,
         factored=False,
         min_dim_size_to_factor=64,
+        axis_groups={r".*/query/kernel": ((0,), (1, 2))},
         weight_decay=0.01,
         global_clipnorm=1.0,
         name="opt",
     )
     config = optimizer.get_config()
-    restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    as_json = json.loads(json.dumps(keras.optimizers.serialize(optimizer)))  # tuples -> lists
+    restored = keras.optimizers.deserialize(as_json)
     assert isinstance(restored, GLaMAdafactor)
     assert restored.get_config() == config
+    assert restored.variable_axis_groups("a/query/kernel", (64, 4, 16)) == ((0,), (1, 2))
     assert isinstance(restored._learning_rate, GLaMLearningRateSchedule)
     assert float(restored._learning_rate(100)) == pytest.approx(2.0 / 10.0)
 
@@ -360,6 +525,11 @@ def test_slots_follow_the_variable_layout_under_model_parallel():
         ({"epsilon_1": -1.0}, "epsilon_1"),
         ({"min_dim_size_to_factor": 0}, "min_dim_size_to_factor"),
         ({"min_dim_size_to_factor": 12.5}, "min_dim_size_to_factor"),
+        ({"axis_groups": [("query", ((0,), (1, 2)))]}, "must be a dict"),
+        ({"axis_groups": {"query[": ((0,), (1, 2))}}, r"axis_groups\['query\['\]"),
+        ({"axis_groups": {"query": ((0,), (2, 1))}}, "every axis once, in order"),
+        ({"axis_groups": {"query": ((0,), ())}}, "non-empty"),
+        ({"axis_groups": {"query": ((0,), ("x",))}}, "tuples of tuples of axes"),
     ],
 )
 def test_rejects_bad_arguments(kwargs, message):

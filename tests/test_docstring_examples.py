@@ -9,7 +9,21 @@ MODULES_WITH_EXAMPLES = [
     "keras_glam.layers.expert_loop",
     "keras_glam.layers.moe_feedforward",
     "keras_glam.layers.routing",
-    "keras_glam.models.glam_backbone",
+    "keras_glam.optimizers.adafactor",
+    "keras_glam.optimizers.recipe",
+    "keras_glam.optimizers.schedules",
+    "keras_glam.optimizers.skip_nonfinite",
+    "keras_glam.models.architecture",
+    "keras_glam.models.flops",
+    "keras_glam.models.layout_rules",
+    "keras_glam.models.losses",
+    "keras_glam.models.presets",
+    "keras_glam.training.compute_meter",
+    "keras_glam.distribution.compute_bill",
+    "keras_glam.distribution.expert_parallel",
+    "keras_glam.distribution.planner",
+    "keras_glam.utils.atomic_files",
+    "keras_glam.cli_support",
 ]
 
 

@@ -5,6 +5,8 @@ Every upload and download below is made by `huggingface_hub` 2.4 itself (`HfApi.
 client sends; nothing is mocked except the clock of `call_with_retries` in two unit tests.
 """
 
+import datetime
+import email.utils
 import json
 import logging
 import pathlib
@@ -560,6 +562,41 @@ def test_token_resolution_order(hub_server, monkeypatch):
         resolve_token(True)
 
 
+def test_token_lookup_is_the_hub_clients_own(hub_server, monkeypatch):
+    """`huggingface_hub.get_token()`'s order: a CI token exchanged through OIDC comes before
+    HF_TOKEN; HUGGING_FACE_HUB_TOKEN counts when HF_TOKEN is unset."""
+    monkeypatch.setenv("HF_TOKEN", hub_server.read_token)
+    monkeypatch.setenv("HF_OIDC_RESOURCE", REPO_ID)
+    monkeypatch.setenv("HF_OIDC_ID_TOKEN", hub_server.oidc_id_token)
+    assert resolve_token() == hub_server.oidc_token
+    assert check_write_access(HANDLE).user == USER
+    assert len(hub_server.requests_of("oidc_exchange")) >= 1
+    assert resolve_token("hf_explicit") == "hf_explicit"
+    monkeypatch.delenv("HF_OIDC_RESOURCE")
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", hub_server.scoped_token)
+    assert resolve_token() == hub_server.scoped_token
+
+
+def test_whoami_is_asked_once_per_token_and_never_retried_when_rate_limited(
+    hub_server, tmp_path
+):
+    preset = _write_preset(tmp_path / "preset")
+    check_write_access(HANDLE)
+    check_write_access(f"hf://{USER}/mine")
+    publish_preset(preset, HANDLE, model_card=_card())
+    assert [request.status for request in hub_server.requests_of("whoami")] == [200]
+
+    # Rate limited: one request, no retry (it would only extend the limit), the wait named.
+    hub_server.fail_next("whoami", status=429, headers={"Retry-After": "60"})
+    with pytest.raises(HubUnavailableError, match="rate-limits the token check.*in 60 s"):
+        check_write_access(HANDLE, token=hub_server.scoped_token)
+    assert [request.status for request in hub_server.requests_of("whoami")] == [200, 429]
+    # A failure is not cached: the next check asks again.
+    check_write_access(f"hf://{USER}/mine", token=hub_server.scoped_token)
+    assert [request.status for request in hub_server.requests_of("whoami")] == [200, 429, 200]
+
+
 @pytest.mark.parametrize(
     "token_name, handle, repo_id",
     [
@@ -715,7 +752,7 @@ def test_client_errors_are_never_retried(hub_server, status):
     assert [request.status for request in hub_server.requests_of("whoami")] == [status]
 
 
-@pytest.mark.parametrize("status", [429, 500, 502, 503])
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503])
 def test_server_errors_are_retried(hub_server, status):
     hub_server.fail_next("whoami", times=2, status=status)
     api = huggingface_hub.HfApi()
@@ -726,6 +763,33 @@ def test_server_errors_are_retried(hub_server, status):
     assert user["name"] == USER
     assert [request.status for request in hub_server.requests_of("whoami")] == [status, status, 200]
     assert waits == [1.0, 2.0]
+
+
+def _in_seconds(seconds):
+    moment = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds)
+    return email.utils.format_datetime(moment, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    "status, retry_after, expected_waits",
+    [
+        (429, "7", [7.0, 7.0]),
+        (503, "0", [1.0, 2.0]),  # never sooner than the backoff
+        (503, "45", [45.0, 45.0]),  # beyond max_delay: the Hub said so
+        (429, lambda: _in_seconds(20), [20.0, 20.0]),  # an HTTP date, made when the test runs
+    ],
+    ids=["seconds", "zero", "beyond_max_delay", "http_date"],
+)
+def test_retries_wait_as_long_as_retry_after_asks(hub_server, status, retry_after, expected_waits):
+    retry_after = retry_after() if callable(retry_after) else retry_after
+    hub_server.fail_next("whoami", times=2, status=status, headers={"Retry-After": retry_after})
+    api = huggingface_hub.HfApi()
+    waits = []
+    user = call_with_retries(
+        api.whoami, description="whoami", endpoint=api.endpoint, sleep=waits.append
+    )
+    assert user["name"] == USER
+    np.testing.assert_allclose(waits, expected_waits, atol=1.5)
 
 
 def test_retries_outlast_a_server_restart_on_the_same_port(hub_server):

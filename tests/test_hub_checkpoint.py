@@ -5,8 +5,10 @@ with its faults (HTTP errors, dropped connections, the server down) injected on 
 """
 
 import functools
+import hashlib
 import json
 import logging
+import pathlib
 
 import huggingface_hub
 import keras
@@ -24,10 +26,13 @@ from keras_glam.hub import HubAuthError
 from keras_glam.hub import RemoteCheckpointError
 from keras_glam.hub import publish_model
 from keras_glam.hub import pull_latest_checkpoint
+from keras_glam.hub.checkpoint_sync import MANIFEST_FILE
+from keras_glam.hub.checkpoint_sync import MANIFEST_FORMAT
 from keras_glam.hub.checkpoint_sync import CheckpointPusher
 from keras_glam.hub.checkpoint_sync import CheckpointRepository
 from keras_glam.hub.checkpoint_sync import PushJob
 from keras_glam.training.checkpointing import CheckpointManager
+from keras_glam.training.checkpointing import parse_checkpoint_name
 from keras_glam.training.trainer import Trainer
 
 REPO_ID = f"{WRITABLE_ORG}/glam-run"
@@ -370,11 +375,14 @@ def test_unpushed_checkpoints_are_kept_and_a_permanent_failure_ends_pushing(
     manager.save(lm, {"step": 3})
     assert [checkpoint.step for checkpoint in manager.checkpoints()] == [3]  # released, pruned
 
-    hub_server.fail_next("commit", status=403)
+    # A server (or proxy) that echoes the request's credentials into its error message.
+    echo = f"Forbidden for 'Authorization: Bearer {hub_server.write_token}'"
+    hub_server.fail_next("commit", status=403, message=echo)
     fourth, _ = save_and_submit(4)
     with caplog.at_level(logging.ERROR):
         assert not pusher.flush(timeout=30)
     assert pusher.error.response.status_code == 403 and "failed permanently" in caplog.text
+    assert "Bearer <redacted>" in caplog.text and hub_server.write_token not in caplog.text
     assert pusher.unpushed == [fourth]
     assert save_and_submit(5)[1] is False  # refused: pushing has ended
     assert 4 in [checkpoint.step for checkpoint in manager.checkpoints()]  # kept locally
@@ -409,6 +417,41 @@ def _commit_checkpoint_folder(name, files):
         ],
         commit_message=f"add {name}",
     )
+
+
+def _remote_manifest(name, files):
+    """The manifest `HubCheckpoint` writes for a checkpoint folder of `{file: bytes}`."""
+    sequence, step = parse_checkpoint_name(name)
+    listed = {
+        file: {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+        for file, content in files.items()
+    }
+    record = {"format": MANIFEST_FORMAT, "name": name, "sequence": sequence, "step": step}
+    return json.dumps({**record, "files": listed}).encode()
+
+
+def test_a_pull_skips_a_checkpoint_with_a_malformed_state_for_the_previous_one(
+    hub_server, tmp_path, caplog
+):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="out")], name="net")
+    model.compile(optimizer=keras.optimizers.SGD(0.1, name="sgd"), loss="mse")
+    manager = CheckpointManager(tmp_path / "written")
+    for step in (2, 4):
+        checkpoint = manager.save(model, {"step": step})
+        files = {file.name: file.read_bytes() for file in pathlib.Path(checkpoint.path).iterdir()}
+        if step == 4:  # A record without its manifest of the files, consistently uploaded.
+            record = json.loads(files["state.json"])
+            del record["files"]
+            files["state.json"] = json.dumps(record).encode()
+        name = pathlib.Path(checkpoint.path).name
+        _commit_checkpoint_folder(name, {**files, MANIFEST_FILE: _remote_manifest(name, files)})
+
+    with caplog.at_level(logging.WARNING):
+        pulled = pull_latest_checkpoint(HANDLE, tmp_path / "pulled")
+    assert (pulled.sequence, pulled.step) == (0, 2)
+    assert "Skipping checkpoint ckpt-000001-step-000000004" in caplog.text
+    assert "state.json has no manifest of the files" in caplog.text
+    assert CheckpointManager(tmp_path / "pulled").latest() == pulled
 
 
 def test_repositories_that_cannot_be_resumed_from_are_refused_before_training(

@@ -1,9 +1,12 @@
 """GLaM presets through the Hub: publish with our card, load with `from_preset("hf://...")`."""
 
+import huggingface_hub
 import keras_hub
 import numpy as np
+import pytest
 from hub_server import WRITABLE_ORG
 from hub_server import set_hub_offline
+from huggingface_hub import CommitOperationAdd
 
 import keras_glam
 from keras_glam.hub import publish_preset
@@ -27,10 +30,25 @@ def _inputs():
     return {"token_ids": ids, "padding_mask": ids != 0}
 
 
+@pytest.mark.slow
 def test_publish_then_load_from_hf_handle_and_revision(hub_server, tmp_path, monkeypatch):
     handle = f"hf://{WRITABLE_ORG}/glam-tiny"
     first = keras_glam.GLaMCausalLM.from_preset("glam_tiny_8e")
-    first_commit = _publish(first, tmp_path / "v1", handle, "first").commit_id
+    _publish(first, tmp_path / "v1", handle, "first")
+    # Training checkpoints next to the preset (as `HubCheckpoint` pushes them): loading this
+    # revision must not download them.
+    first_commit = (
+        huggingface_hub.HfApi()
+        .create_commit(
+            f"{WRITABLE_ORG}/glam-tiny",
+            operations=[
+                CommitOperationAdd(f"checkpoints/ckpt-000001-step-000000002/{name}", b"state")
+                for name in ("optimizer.npz", "model.weights.h5", "state.json")
+            ],
+            commit_message="a training checkpoint",
+        )
+        .oid
+    )
     second = keras_glam.GLaMCausalLM.from_preset("glam_tiny_8e")  # new random weights
     _publish(second, tmp_path / "v2", handle, "second")
 
@@ -46,6 +64,9 @@ def test_publish_then_load_from_hf_handle_and_revision(hub_server, tmp_path, mon
         keras_glam.GLaMCausalLM.from_preset(f"{handle}@{first_commit}"),
     ]:
         np.testing.assert_array_equal(np.asarray(older(_inputs())), np.asarray(first(_inputs())))
+    downloaded = [request.path for request in hub_server.requests_of("download")]
+    assert any(f"/resolve/{first_commit}/model.weights.h5" in path for path in downloaded)
+    assert not [path for path in downloaded if "/checkpoints/" in path]
 
     # Offline, from the cache the downloads filled.
     set_hub_offline(monkeypatch, offline=True)

@@ -6,9 +6,9 @@ import pytest
 
 from keras_glam.models.glam_backbone import GLaMBackbone
 from keras_glam.models.glam_causal_lm import GLaMCausalLM
-from keras_glam.training.losses import language_model_losses
-from keras_glam.training.losses import routing_statistics
-from keras_glam.training.losses import weighted_token_mean
+from keras_glam.models.losses import language_model_losses
+from keras_glam.models.losses import routing_statistics
+from keras_glam.models.losses import weighted_token_mean
 
 
 def _numpy_losses(labels, logits, weights):

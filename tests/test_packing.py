@@ -15,7 +15,9 @@ from keras_glam.data import pack_documents
 from keras_glam.data import packed_lm_dataset
 from keras_glam.data import text_files
 
-END = 256  # ByteTokenizer ids are bytes 0-255, so 256 is unambiguous as the end token.
+# ByteTokenizer ids are bytes 0-255, so 256 and 257 are unambiguous as end and start tokens.
+END = 256
+START = 257
 BYTES = keras_hub.tokenizers.ByteTokenizer(lowercase=False)
 
 
@@ -31,11 +33,11 @@ def _documents(count=40, seed=0, longest=40):
 
 
 def _byte_stream(documents):
-    """The expected token stream: each non-empty document's UTF-8 bytes, then END."""
+    """The expected token stream: each non-empty document as START, its UTF-8 bytes, END."""
     stream = []
     for document in documents:
         if document:
-            stream += list(document.encode("utf-8")) + [END]
+            stream += [START] + list(document.encode("utf-8")) + [END]
     return stream
 
 
@@ -58,7 +60,8 @@ def _split_documents(stream):
     for token in stream:
         current.append(token)
         if token == END:
-            documents.append(bytes(current[:-1]).decode("utf-8"))
+            assert current[0] == START, "every document starts with the start token"
+            documents.append(bytes(current[1:-1]).decode("utf-8"))
             current = []
     assert not current, "the stream must end with the end token"
     return documents
@@ -66,7 +69,12 @@ def _split_documents(stream):
 
 def _packed(sources, **kwargs):
     options = dict(
-        sequence_length=16, batch_size=4, end_token_id=END, shuffle_buffer=0, drop_remainder=False
+        sequence_length=16,
+        batch_size=4,
+        end_token_id=END,
+        start_token_id=START,
+        shuffle_buffer=0,
+        drop_remainder=False,
     )
     options.update(kwargs)
     return packed_lm_dataset(sources, BYTES, **options)
@@ -93,6 +101,8 @@ def test_segment_ids_start_at_one_and_step_after_each_end_token():
         assert segments[0] == 1  # also when the row starts mid-document
         for i in range(1, int(real.sum())):
             assert segments[i] == segments[i - 1] + (tokens[i - 1] == END)
+            # A document that starts in this row starts with the start token.
+            assert (segments[i] != segments[i - 1]) == (tokens[i] == START)
 
 
 def test_labels_and_sample_weights():
@@ -109,6 +119,11 @@ def test_labels_and_sample_weights():
     before_end = np.roll(token_ids == END, -1, axis=1) & expected_weight
     assert before_end.sum() > 10
     assert np.all(labels[before_end] == END)
+    # The start token predicts the document's first real token, and is never a label itself.
+    at_start = (token_ids == START) & expected_weight
+    assert at_start.sum() > 10
+    assert not np.isin(labels[at_start], [START, END]).any()
+    assert not np.any(labels[sample_weight > 0] == START)
 
 
 def test_batch_remainder():
@@ -133,6 +148,51 @@ def test_causal_lm_example_on_a_worked_row():
     np.testing.assert_array_equal(sample_weight, [[1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 0]])
 
 
+def test_hand_worked_packing_with_start_tokens():
+    # The stream is S a b E S c E S d e f g E (S = START, E = END), cut into rows of 6.
+    a, b, c, d, e, f, g = b"abcdefg"
+    rows = list(
+        pack_documents(
+            ["ab", "c", "", "defg"],
+            BYTES,
+            sequence_length=6,
+            end_token_id=END,
+            start_token_id=START,
+        ).as_numpy_iterator()
+    )
+    token_ids = np.stack([row["token_ids"] for row in rows])
+    segment_ids = np.stack([row["segment_ids"] for row in rows])
+    S, E = START, END
+    np.testing.assert_array_equal(
+        token_ids, [[S, a, b, E, S, c], [E, S, d, e, f, g], [E, 0, 0, 0, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        segment_ids, [[1, 1, 1, 1, 2, 2], [1, 2, 2, 2, 2, 2], [1, 0, 0, 0, 0, 0]]
+    )
+    x, labels, sample_weight = causal_lm_example(
+        {"token_ids": token_ids, "segment_ids": segment_ids}
+    )
+    np.testing.assert_array_equal(x["padding_mask"], segment_ids)
+    np.testing.assert_array_equal(
+        labels, [[a, b, E, S, c, 0], [S, d, e, f, g, 0], [0, 0, 0, 0, 0, 0]]
+    )
+    # S predicts each document's first real token (a, c, d); E -> S crosses a document
+    # boundary and weighs 0, so S is never a label; a row's last position has no successor.
+    np.testing.assert_array_equal(
+        sample_weight, [[1, 1, 1, 0, 1, 0], [0, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]]
+    )
+
+
+def test_add_start_token_false_packs_documents_without_it():
+    rows = list(
+        pack_documents(
+            ["ab", "c"], BYTES, sequence_length=6, end_token_id=END, add_start_token=False
+        ).as_numpy_iterator()
+    )
+    assert rows[0]["token_ids"].tolist() == [*b"ab", END, *b"c", END, 0]
+    assert rows[0]["segment_ids"].tolist() == [1, 1, 1, 2, 2, 0]
+
+
 def _sentencepiece_tokenizer():
     sentences = [
         "the cat sat on the mat",
@@ -148,7 +208,7 @@ def _sentencepiece_tokenizer():
         model_type="unigram",
         pad_id=0,
         eos_id=1,
-        bos_id=-1,
+        bos_id=3,
         unk_id=2,
         hard_vocab_limit=False,
         minloglevel=2,
@@ -159,7 +219,9 @@ def _sentencepiece_tokenizer():
 def test_sentencepiece_tokenizer_in_graph():
     tokenizer = _sentencepiece_tokenizer()
     documents = ["the cat sat", "   ", "a dog ran home", "hello again and again and again"]
-    rows = list(pack_documents(documents, tokenizer, sequence_length=8, end_token_id=1))
+    rows = list(
+        pack_documents(documents, tokenizer, sequence_length=8, end_token_id=1, start_token_id=3)
+    )
     stream = []
     for row in rows:
         stream += row["token_ids"].numpy()[row["segment_ids"].numpy() != 0].tolist()
@@ -167,7 +229,7 @@ def test_sentencepiece_tokenizer_in_graph():
     for document in documents:
         ids = np.asarray(tokenizer(document)).tolist()
         if ids:  # whitespace tokenises to nothing and is dropped
-            expected += ids + [1]
+            expected += [3] + ids + [1]
     assert stream == expected
 
 
@@ -213,7 +275,7 @@ def test_mixture_follows_glam_weights():
     num_rows = token_ids.shape[0]
     counts = np.zeros(len(letters))
     for tokens, segments in zip(token_ids, segment_ids):
-        letters_in_row = set(tokens[segments != 0].tolist()) - {END}
+        letters_in_row = set(tokens[segments != 0].tolist()) - {START, END}
         assert len(letters_in_row) == 1  # rows are mixed, documents are not
         counts[letters.index(chr(letters_in_row.pop()))] += 1
     weights = np.array(GLAM_MIXTURE)
@@ -341,9 +403,18 @@ def test_missing_end_token_id():
         packed_lm_dataset(["a"], lambda text: tf.strings.unicode_decode(text, "UTF-8"))
 
 
+def test_missing_start_token_id():
+    with pytest.raises(ValueError, match="pass `start_token_id=`.*or `add_start_token=False`"):
+        packed_lm_dataset(["a"], BYTES, end_token_id=END)
+    with pytest.raises(ValueError, match="`start_token_id` must be a non-negative integer"):
+        pack_documents(["a"], BYTES, end_token_id=END, start_token_id=-1)
+
+
 def test_non_vector_tokenizer_output():
     with pytest.raises(ValueError, match="1-D tensor"):
-        packed_lm_dataset(["a"], lambda text: tf.zeros([2, 2], tf.int32), end_token_id=0)
+        packed_lm_dataset(
+            ["a"], lambda text: tf.zeros([2, 2], tf.int32), end_token_id=0, start_token_id=1
+        )
 
 
 def test_document_dataset_rereads_lists():

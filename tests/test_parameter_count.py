@@ -1,9 +1,8 @@
-import keras
 import numpy as np
 import pytest
 
 import keras_glam
-from keras_glam.models.glam_presets import BACKBONE_PRESETS
+from keras_glam.models.presets import builtin_preset_names
 
 # GLAM.md's table, V = 32,000: (total, activated).
 PAPER_TABLE = {
@@ -27,7 +26,7 @@ def test_paper_table_is_reproduced_exactly(name):
 
 
 def test_every_paper_row_is_a_preset():
-    assert set(PAPER_TABLE) <= set(BACKBONE_PRESETS)
+    assert set(PAPER_TABLE) <= set(builtin_preset_names())
 
 
 def test_activated_64b_64e_with_the_papers_256k_vocabulary():
@@ -48,6 +47,7 @@ def _trainable_count(model):
         {"num_experts": 4, "moe_layer_interval": 3, "num_layers": 4},
         {"num_experts": 4, "top_k": 1},
         {"num_experts": 8, "num_heads": 3, "head_dim": 8},
+        {"num_experts": 4, "pad_vocabulary_to_multiple_of": 8},
     ],
 )
 def test_count_equals_the_built_model(overrides):

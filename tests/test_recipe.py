@@ -7,11 +7,11 @@ import pytest
 
 from keras_glam.models.glam_backbone import GLaMBackbone
 from keras_glam.models.glam_causal_lm import GLaMCausalLM
-from keras_glam.training.adafactor import GLaMAdafactor
-from keras_glam.training.recipe import glam_learning_rate
-from keras_glam.training.recipe import glam_optimizer
-from keras_glam.training.schedules import GLaMLearningRateSchedule
-from keras_glam.training.skip_nonfinite import SkipNonFiniteSteps
+from keras_glam.optimizers.adafactor import GLaMAdafactor
+from keras_glam.optimizers.recipe import glam_learning_rate
+from keras_glam.optimizers.recipe import glam_optimizer
+from keras_glam.optimizers.schedules import GLaMLearningRateSchedule
+from keras_glam.optimizers.skip_nonfinite import SkipNonFiniteSteps
 
 
 @pytest.fixture
@@ -113,3 +113,36 @@ def test_learning_rate_helpers():
     assert isinstance(optimizer, GLaMAdafactor) and optimizer.beta_1 == 0.9
     with pytest.raises(ValueError, match="peak_learning_rate"):
         glam_learning_rate(100, peak_learning_rate=0.0)
+
+
+def test_recipe_factors_attention_kernels_as_glams_matrices(tiny_config):
+    # [128, 2, 64] kernels are GLaM's [128, 128] matrices: factored, although no axis of the
+    # 3-D kernel but M reaches 128.
+    config = dict(tiny_config, num_layers=1, hidden_dim=128, num_heads=2, head_dim=64)
+    lm = GLaMCausalLM(GLaMBackbone(**config))
+    lm.compile()
+    lm.optimizer.build(lm.trainable_variables)
+    slots = {
+        v.path.split("/")[-1]: tuple(v.shape)
+        for v in lm.optimizer.inner_optimizer.variables
+        if "_attention_" in v.path and "_attention_norm_" not in v.path
+    }
+    prefix = "decoder_block_0_attention"
+    expected = {f"{prefix}_relative_bias_table_second_moment": (2, 32)}
+    for name in ("query", "key", "value"):
+        expected[f"{prefix}_{name}_kernel_second_moment_mean_over_axis_0"] = (2, 64)
+        expected[f"{prefix}_{name}_kernel_second_moment_mean_over_axes_1_2"] = (128,)
+    expected[f"{prefix}_attention_output_kernel_second_moment_mean_over_axes_0_1"] = (128,)
+    expected[f"{prefix}_attention_output_kernel_second_moment_mean_over_axis_2"] = (2, 64)
+    assert slots == expected
+
+
+def test_training_still_offers_the_optimizer_recipe():
+    """The optimizers moved below the models; `keras_glam.training` re-exports them."""
+    from keras_glam import training
+
+    assert training.GLaMAdafactor is GLaMAdafactor
+    assert training.GLaMLearningRateSchedule is GLaMLearningRateSchedule
+    assert training.SkipNonFiniteSteps is SkipNonFiniteSteps
+    assert training.glam_optimizer is glam_optimizer
+    assert training.glam_learning_rate is glam_learning_rate

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_glam.training import GLaMAdafactor, GLaMLearningRateSchedule
+from keras_glam.optimizers import GLaMAdafactor, GLaMLearningRateSchedule
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ import pytest
 from keras_glam.models.glam_backbone import GLaMBackbone
 from keras_glam.models.glam_causal_lm import GLaMCausalLM
 from keras_glam.training.callbacks import TrainingProgress
-from keras_glam.training.skip_nonfinite import SkipNonFiniteSteps
-from keras_glam.training.skip_nonfinite import global_gradient_norm
+from keras_glam.optimizers.skip_nonfinite import SkipNonFiniteSteps
+from keras_glam.optimizers.skip_nonfinite import global_gradient_norm
 
 
 def _dense_model(optimizer):

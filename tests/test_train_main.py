@@ -1,21 +1,33 @@
-"""The main job, `python -m keras_glam.train`: a quick run, bad input, and resume after kill -9."""
+"""The main job, `python -m keras_glam.train`: a quick run, a run from a saved preset, bad input
+reported in one line, a quiet start, and resume after kill -9."""
 
 import hashlib
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import h5py
 import numpy as np
 import pytest
 
+from keras_glam import main_job
+from keras_glam import cli_support
 from keras_glam import train
+from keras_glam.models import presets
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The environment of a user's shell: no log level chosen (conftest.py quiets TensorFlow for tests).
+_USER_ENVIRONMENT = {
+    **{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+    "KERAS_BACKEND": "jax",
+    "PYTHONPATH": _ROOT,
+}
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +104,100 @@ def _train_vocabulary(tmp_path, size):
     return path
 
 
+def _assert_one_line_error(error, message):
+    """`error` (a command's stderr) is exactly one line: our error, matching `message`."""
+    assert "Traceback" not in error, error
+    lines = error.splitlines()
+    assert len(lines) == 1, error
+    assert lines[0].startswith("glam-train: error: "), error
+    assert re.search(message, lines[0]), error
+
+
+def _unwritable_directory(tmp_path):
+    """A directory this process cannot create files in (root ignores permission bits)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    for candidate in (locked, pathlib.Path("/sys")):
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=candidate))
+        except OSError:
+            return candidate
+    pytest.skip("no unwritable directory on this machine")
+
+
+def _glam_config_file(directory, registered_name="keras_glam>GLaMBackbone"):
+    directory.mkdir(parents=True)
+    config = presets.local_backbone_config("glam_tiny_8e")
+    saved = {"registered_name": registered_name, "config": config}
+    _write(directory / "config.json", json.dumps(saved))
+    return str(directory)
+
+
+def _bad_input_arguments(case, tmp_path):
+    """The flags (after `--quick --output tmp_path/run`) that cause `case`."""
+    if case == "empty_file":
+        return ["--data", _write(tmp_path / "empty.txt", "\n\n  \n")]
+    if case == "latin1_file":
+        return ["--data", _write(tmp_path / "latin1.txt", b"first line\ncaf\xe9 au lait\n")]
+    if case == "one_document":
+        return ["--data", _write(tmp_path / "one.txt", "A single paragraph of text.\n")]
+    if case == "nothing_held_out":
+        return ["--data", _write(tmp_path / "two.txt", "One paragraph.\n\nAnother.\n")]
+    if case == "too_little_text":
+        six_words = "One.\n\nTwo.\n\nThree.\n\nFour.\n\nFive.\n\nSix.\n"
+        return ["--data", _write(tmp_path / "tiny.txt", six_words)]
+    if case == "missing_file":
+        return ["--data", str(tmp_path / "nowhere" / "*.txt")]
+    if case == "vocabulary_mismatch":
+        return ["--vocabulary", _train_vocabulary(tmp_path, 600)]
+    if case == "vocabulary_not_sentencepiece":
+        return ["--vocabulary", _write(tmp_path / "words.spm", "not a model\n")]
+    if case == "mesh_too_big":
+        return ["--mesh", "data=2,expert=2"]
+    if case == "mesh_bad_axis":
+        return ["--mesh", "data=2,experts=2"]
+    if case == "mesh_batch_not_divisible":
+        return ["--mesh", "expert=2", "--batch-size", "3"]
+    if case == "mesh_experts_not_divisible":
+        return ["--mesh", "expert=3", "--batch-size", "6"]
+    if case == "resume_without_checkpoints":
+        return ["--resume"]
+    if case == "zero_steps":
+        return ["--steps", "0"]
+    if case == "negative_seed":
+        return ["--seed", "-1"]
+    if case == "unknown_preset":
+        return ["--preset", "glam_smal_16e"]
+    if case == "preset_is_a_file":
+        return ["--preset", _write(tmp_path / "preset.txt", "glam_tiny_8e")]
+    if case == "preset_directory_without_config":
+        (tmp_path / "empty").mkdir()
+        return ["--preset", str(tmp_path / "empty")]
+    if case == "preset_is_an_earlier_run":
+        _glam_config_file(tmp_path / "earlier" / "preset")
+        return ["--preset", str(tmp_path / "earlier")]
+    if case == "preset_config_unreadable":
+        (tmp_path / "broken").mkdir()
+        _write(tmp_path / "broken" / "config.json", "{not json")
+        return ["--preset", str(tmp_path / "broken")]
+    if case == "preset_of_another_model":
+        return ["--preset", _glam_config_file(tmp_path / "gemma", "keras_hub>GemmaBackbone")]
+    if case == "preset_without_tokenizer":
+        return ["--preset", _glam_config_file(tmp_path / "backbone_only")]
+    if case == "preset_without_vocabulary":
+        return ["--preset", "glam_64b_64e"]
+    if case == "preset_remote_handle":
+        return ["--preset", "hf://glam-org/glam-tiny"]
+    if case == "output_is_a_file":
+        return ["--output", _write(tmp_path / "run.txt", "")]
+    if case == "output_under_a_file":
+        return ["--output", str(pathlib.Path(_write(tmp_path / "file", "")) / "run")]
+    if case == "output_unwritable":
+        return ["--output", str(_unwritable_directory(tmp_path) / "run")]
+    raise AssertionError(case)
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -102,40 +208,74 @@ def _train_vocabulary(tmp_path, size):
         ("too_little_text", "fewer than one batch"),
         ("missing_file", "no file matches"),
         ("vocabulary_mismatch", "The tokenizer has 600 tokens but preset 'glam_tiny_8e'"),
+        ("vocabulary_not_sentencepiece", "words.spm is not a SentencePiece model"),
         ("mesh_too_big", "needs 4 devices, there are 1"),
         ("mesh_bad_axis", "axis=size pairs over the axes data, expert, model"),
+        ("mesh_batch_not_divisible", "--batch-size 3 cannot be split over the 2 batch shards"),
+        ("mesh_experts_not_divisible", "expert axis must divide the preset's 8 experts"),
         ("resume_without_checkpoints", "holds no checkpoint"),
+        ("zero_steps", "--steps must be a positive integer, got 0"),
+        ("negative_seed", "--seed must be an integer >= 0, got -1"),
+        ("unknown_preset", "Unknown preset 'glam_smal_16e'. Did you mean 'glam_small_16e'"),
+        ("preset_is_a_file", "is a file, not a preset directory"),
+        ("preset_directory_without_config", "is not a preset directory: it has no config.json"),
+        ("preset_is_an_earlier_run", "no config.json. Did you mean .*earlier/preset\\?"),
+        ("preset_config_unreadable", "config.json' is not a readable preset config"),
+        ("preset_of_another_model", "holds a keras_hub>GemmaBackbone preset, not a GLaM one"),
+        ("preset_without_tokenizer", "holds no tokenizer .* Pass --vocabulary"),
+        ("preset_without_vocabulary", "glam_64b_64e is an architecture without a vocabulary"),
+        ("preset_remote_handle", "is a remote handle.* pass the directory"),
+        ("output_is_a_file", "--output .*run.txt is a file, not a directory"),
+        ("output_under_a_file", "--output .* lies under .*file, which is a file"),
+        ("output_unwritable", "--output .*: cannot write in "),
     ],
 )
-def test_bad_input_is_reported_before_anything_is_built(tmp_path, capsys, case, message):
-    output = tmp_path / "run"
-    arguments = ["--quick", "--output", str(output)]
-    if case == "empty_file":
-        arguments += ["--data", _write(tmp_path / "empty.txt", "\n\n  \n")]
-    elif case == "latin1_file":
-        arguments += ["--data", _write(tmp_path / "latin1.txt", b"first line\ncaf\xe9 au lait\n")]
-    elif case == "one_document":
-        arguments += ["--data", _write(tmp_path / "one.txt", "A single paragraph of text.\n")]
-    elif case == "nothing_held_out":
-        arguments += ["--data", _write(tmp_path / "two.txt", "One paragraph.\n\nAnother.\n")]
-    elif case == "too_little_text":
-        six_words = "One.\n\nTwo.\n\nThree.\n\nFour.\n\nFive.\n\nSix.\n"
-        arguments += ["--data", _write(tmp_path / "tiny.txt", six_words)]
-    elif case == "missing_file":
-        arguments += ["--data", str(tmp_path / "nowhere" / "*.txt")]
-    elif case == "vocabulary_mismatch":
-        arguments += ["--vocabulary", _train_vocabulary(tmp_path, 600)]
-    elif case == "mesh_too_big":
-        arguments += ["--mesh", "data=2,expert=2"]
-    elif case == "mesh_bad_axis":
-        arguments += ["--mesh", "data=2,experts=2"]
-    elif case == "resume_without_checkpoints":
-        arguments += ["--resume"]
+def test_bad_input_is_one_line_before_anything_is_built(tmp_path, capsys, case, message):
+    arguments = ["--quick", "--output", str(tmp_path / "run")]
+    arguments += _bad_input_arguments(case, tmp_path)
+    before = sorted(tmp_path.rglob("*"))
     assert train.main(arguments) == 2
-    error = capsys.readouterr().err
-    assert error.startswith("glam-train: error:")
-    assert re.search(message, error), error
-    assert not output.exists()
+    captured = capsys.readouterr()
+    _assert_one_line_error(captured.err, message)
+    assert captured.out == ""
+    assert sorted(tmp_path.rglob("*")) == before  # No output, no leftover write check.
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--steps", "many"], "argument --steps: invalid int value: 'many'. See glam-train --help"),
+        (["--stepz", "3"], "unrecognized arguments: --stepz 3"),
+        (["--verbose", "4"], "argument --verbose: invalid choice: 4"),
+    ],
+)
+def test_a_bad_command_line_is_one_line(capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(arguments)
+    assert exit_info.value.code == 2
+    _assert_one_line_error(capsys.readouterr().err, message)
+
+
+def test_user_errors_are_told_from_bugs():
+    """Errors keras_glam raises, and the operating system's, are the user's to fix (one line);
+    the same types raised inside a library are bugs and keep their traceback."""
+
+    def raised(function):
+        try:
+            function()
+        except Exception as error:  # noqa: BLE001 - any error is what is examined.
+            return error
+
+    ours = raised(lambda: presets.local_backbone_config("glam_nonexistent"))
+    assert cli_support.user_error_message(ours).startswith("Unknown preset 'glam_nonexistent'.")
+    full_disk = OSError(28, "No space left on device", "glam_run/metrics.json")
+    assert cli_support.user_error_message(full_disk) == (
+        "No space left on device (glam_run/metrics.json). Free some space, then continue with "
+        "--resume."
+    )
+    assert cli_support.user_error_message(raised(lambda: json.loads("{"))) is None
+    assert cli_support.user_error_message(raised(lambda: np.zeros(2).reshape(3))) is None
+    assert cli_support.user_error_message(KeyError("token_ids")) is None
 
 
 def test_text_files_are_read_as_paragraph_documents(tmp_path):
@@ -144,13 +284,150 @@ def test_text_files_are_read_as_paragraph_documents(tmp_path):
     _write(tmp_path / "b.txt", "\n\n\n".join(paragraphs[6:]))
     pattern = str(tmp_path / "b*.txt")
     job = train.parse_args(["--quick", "--output", str(tmp_path / "run"), "--data", first, pattern])
-    data = train.prepare(job)
+    data = main_job.prepare(job)
     assert len(data.train_documents) == 8 and len(data.held_out_documents) == 2
     assert data.held_out_documents[0] == paragraphs[4]
     x, y, sample_weight = next(iter(data.make_dataset(seed=0, skip_batches=0)))
     assert tuple(x["token_ids"].shape) == (4, 32) == tuple(y.shape) == tuple(sample_weight.shape)
     assert 0 < data.unigram_entropy < np.log(4096)
     assert not (tmp_path / "run").exists()
+
+
+def _imported_packages(stderr):
+    """Top-level packages named in the `python -X importtime` report on `stderr`."""
+    return {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in stderr.splitlines()
+        if line.startswith("import time:")
+    }
+
+
+def _our_help(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    return capsys.readouterr().out
+
+
+def test_help_is_instant_and_shows_only_our_help(monkeypatch, capsys):
+    environment = {**_USER_ENVIRONMENT, "COLUMNS": "100"}
+    command = [sys.executable, "-m", "keras_glam.train", "--help"]
+    result = subprocess.run(
+        command, env=environment, cwd=_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    assert result.stderr == ""  # No TensorFlow, XLA or absl lines.
+    assert result.stdout == _our_help(monkeypatch, capsys)
+    assert result.stdout.startswith("usage: glam-train ")
+
+    # Instant: nothing heavy is imported before the arguments are parsed.
+    timed = subprocess.run(
+        [sys.executable, "-X", "importtime", *command[1:]],
+        env=environment,
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    imported = _imported_packages(timed.stderr)
+    assert "keras_glam" in imported
+    assert not imported & {"keras", "keras_hub", "jax", "tensorflow", "numpy"}, imported
+
+
+def test_console_command_help_is_clean(monkeypatch, capsys):
+    command = os.path.join(os.path.dirname(sys.executable), "glam-train")
+    if not os.path.isfile(command):
+        pytest.skip("the glam-train command is not installed next to this Python")
+    environment = {**_USER_ENVIRONMENT, "COLUMNS": "100"}
+    result = subprocess.run(
+        [command, "--help"], env=environment, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout == _our_help(monkeypatch, capsys)
+
+
+@pytest.mark.slow
+def test_an_error_after_the_libraries_load_is_still_one_line(tmp_path):
+    """TensorFlow, XLA and SentencePiece print banners and notes from native code as they
+    load; a user sees only our line."""
+    output = _write(tmp_path / "run", "")
+    command = [sys.executable, "-m", "keras_glam.train", "--quick", "--output", output]
+    result = subprocess.run(
+        command, env=_USER_ENVIRONMENT, cwd=_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    _assert_one_line_error(result.stderr, "--output .*run is a file, not a directory")
+
+
+def _saved_tiny_preset(directory, config):
+    """A GLaM of `config` with the shipped 4096-piece vocabulary, saved with `save_to_preset`."""
+    import keras_glam
+
+    backbone = keras_glam.GLaMBackbone(**{**config, "vocabulary_size": 4096})
+    preprocessor = keras_glam.GLaMCausalLMPreprocessor.from_preset("glam_tiny_8e")
+    keras_glam.GLaMCausalLM(backbone, preprocessor=preprocessor).save_to_preset(str(directory))
+    return backbone
+
+
+def _arrays(path):
+    """The weight tensors in a `.weights.h5` file, in a canonical order (the names differ
+    between a backbone's and a task's files; a task's also holds scalar training counters)."""
+    arrays = [array for array in _weights(path).values() if np.ndim(array) > 0]
+    return sorted(arrays, key=lambda array: (array.shape, array.tobytes()))
+
+
+@pytest.mark.slow
+def test_training_starts_from_a_saved_preset_directory(tmp_path, capsys, tiny_config):
+    preset = tmp_path / "my_glam"
+    backbone = _saved_tiny_preset(preset, tiny_config)
+    output = tmp_path / "run"
+    arguments = ["--preset", str(preset), "--output", str(output), "--verbose", "0"]
+    arguments += ["--steps", "2", "--checkpoint-interval", "2", "--batch-size", "2"]
+    paragraphs = [f"Paragraph {i}: the value of x is {i} times y." for i in range(40)]
+    arguments += ["--data", _write(tmp_path / "text.txt", "\n\n".join(paragraphs))]
+    arguments += ["--sequence-length", "16", "--samples", "0"]
+    assert train.main(arguments) == 0, capsys.readouterr().err
+    with open(output / "metrics.json") as file:
+        metrics = json.load(file)
+    assert metrics["steps"] == 2 and np.isfinite(metrics["held_out_cross_entropy"])
+    with open(output / "preset" / "config.json") as file:
+        trained_config = json.load(file)["config"]
+    for key, value in backbone.get_config().items():
+        if key not in ("name", "dtype"):
+            assert trained_config[key] == value, key
+    # The run began from the saved weights: its first checkpoint (step 0) holds them.
+    first = sorted((output / "checkpoints").iterdir())[0]
+    saved, started = _arrays(preset / "model.weights.h5"), _arrays(first / "model.weights.h5")
+    assert len(saved) == len(started) == len(backbone.weights)
+    for expected, actual in zip(saved, started):
+        np.testing.assert_array_equal(expected, actual)
+
+
+def test_a_diverged_run_is_one_line(tmp_path, capsys, monkeypatch):
+    """Every chunk fails its health check: the trainer rolls back until it gives up."""
+
+    def failing_segment(trainer, state):
+        return "loss is nan"
+
+    monkeypatch.setattr(main_job.Trainer, "_run_segment", failing_segment)
+    arguments = ["--quick", "--output", str(tmp_path / "run"), "--samples", "0", "--verbose", "0"]
+    assert train.main(arguments) == 2
+    captured = capsys.readouterr()
+    _assert_one_line_error(
+        captured.err, "Training failed .*\\(loss is nan\\).* Lower the learning rate"
+    )
+
+
+def test_an_interrupted_run_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main_job, "prepare", interrupted)
+    assert train.main(["--quick", "--output", str(tmp_path / "run")]) == 130
+    error = capsys.readouterr().err
+    assert error == (
+        "glam-train: interrupted. Checkpoints already written are kept: continue with --resume.\n"
+    )
 
 
 def _weights(path):

@@ -1,5 +1,6 @@
 """The fault-tolerant training driver: chunks, checkpoints, exact resume, rollback, bad input."""
 
+import json
 import logging
 import os
 
@@ -186,6 +187,26 @@ def test_resuming_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, caplo
     assert state.step == 6
     for expected, actual in zip(_weights(uninterrupted), _weights(resumed)):
         np.testing.assert_array_equal(expected, actual)
+
+
+@pytest.mark.slow
+def test_a_malformed_state_is_skipped_for_the_previous_checkpoint(tmp_path, caplog):
+    """A record that passes the manager's checks but holds a state the Trainer cannot resume
+    from (its data position a string) is corrupt: resuming falls back to the checkpoint before."""
+    Trainer(_lm(), _make_dataset(), 4, tmp_path, checkpoint_interval=2, verbose=0).fit()
+    newest = CheckpointManager(tmp_path).checkpoints()[0]
+    assert newest.step == 4
+    with open(os.path.join(newest.path, "state.json")) as file:
+        record = json.load(file)
+    record["state"]["data_position"] = "4"
+    with open(os.path.join(newest.path, "state.json"), "w") as file:
+        json.dump(record, file)
+    with caplog.at_level(logging.WARNING):
+        state = Trainer(_lm(), _make_dataset(), 6, tmp_path, checkpoint_interval=2, verbose=0).fit()
+    assert f"Skipping checkpoint {newest.path}" in caplog.text
+    assert "'data_position' is '4'" in caplog.text
+    assert "Resuming from" in caplog.text and "(step 2," in caplog.text
+    assert state.step == 6 and [log["step"] for log in state.chunk_logs] == [2, 4, 6]
 
 
 def test_rolls_back_after_repeated_non_finite_steps(tmp_path):

@@ -6,10 +6,13 @@ row is `token_ids [L]` and `segment_ids [L]`: every document gets a positive id 
 row (1, 1, 1, 2, 2, ...), 0 marks padding. `GLaMBackbone` takes the segment ids as its
 `padding_mask`, so attention never crosses a document.
 
-Packing is a stream: documents are tokenised, each gets `end_token_id` appended, and the
-concatenated token stream is cut into consecutive rows of `sequence_length` tokens. A document
-longer than the space left in a row continues at the start of the next row (with segment id 1
-there). Only the very last row of a finite stream is padded.
+Packing is a stream: documents are tokenised and framed as GLaM's model sees a document,
+`<s> text </s>` (`keras_glam.models.glam_tokenizer.frame_document`, the convention generation
+and scoring share), and the concatenated token stream is cut into consecutive rows of
+`sequence_length` tokens. A document longer than the space left in a row continues at the
+start of the next row (with segment id 1 there, and no `<s>`). Only the very last row of a
+finite stream is padded. The pipeline is deterministic: documents keep their order through
+tokenisation and packing, and every shuffle and the mixture sampling draw from `seed`.
 """
 
 import math
@@ -18,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_glam.data.text_sources import document_dataset, is_one_shot_iterator
+from keras_glam.models.glam_tokenizer import frame_document
 
 
 def _check_sequence_length(sequence_length):
@@ -28,23 +32,44 @@ def _check_sequence_length(sequence_length):
         )
 
 
-def _resolve_end_token_id(tokenizer, end_token_id):
-    if end_token_id is None:
-        end_token_id = getattr(tokenizer, "end_token_id", None)
-    if end_token_id is None:
+def _resolve_token_id(tokenizer, token_id, name, how_to_fix):
+    """`token_id`, else the tokenizer's `<name>_token_id`, as an int."""
+    argument = f"{name}_token_id"
+    if token_id is None:
+        token_id = getattr(tokenizer, argument, None)
+    if token_id is None:
         raise ValueError(
-            f"The tokenizer ({type(tokenizer).__name__}) has no `end_token_id`: pass "
-            "`end_token_id=` (the id that ends every document, `</s>` for GLaMTokenizer)."
+            f"The tokenizer ({type(tokenizer).__name__}) has no `{argument}`: {how_to_fix}."
         )
-    if not (isinstance(end_token_id, (int, np.integer)) and end_token_id >= 0):
-        raise ValueError(
-            f"`end_token_id` must be a non-negative integer. Received: {end_token_id!r}"
-        )
-    return int(end_token_id)
+    if not (isinstance(token_id, (int, np.integer)) and token_id >= 0):
+        raise ValueError(f"`{argument}` must be a non-negative integer. Received: {token_id!r}")
+    return int(token_id)
 
 
-def _tokenized_documents(documents, tokenizer, end_token_id):
-    """Token ids of each document, `end_token_id` appended; documents without text dropped."""
+def _resolve_document_tokens(tokenizer, start_token_id, end_token_id, add_start_token):
+    """`(start_token_id, end_token_id)` framing every packed document; no start id without
+    `add_start_token`."""
+    end_token_id = _resolve_token_id(
+        tokenizer,
+        end_token_id,
+        "end",
+        "pass `end_token_id=` (the id that ends every document, `</s>` for GLaMTokenizer)",
+    )
+    if not add_start_token:
+        return None, end_token_id
+    start_token_id = _resolve_token_id(
+        tokenizer,
+        start_token_id,
+        "start",
+        "pass `start_token_id=` (the id that starts every document, `<s>` for GLaMTokenizer), "
+        "or `add_start_token=False` to pack documents without it (not GLaM's convention)",
+    )
+    return start_token_id, end_token_id
+
+
+def _tokenized_documents(documents, tokenizer, start_token_id, end_token_id):
+    """Each document's ids framed by `frame_document`; documents without text or without
+    tokens are dropped."""
 
     def tokenize(document):
         token_ids = tokenizer(document)
@@ -53,12 +78,13 @@ def _tokenized_documents(documents, tokenizer, end_token_id):
                 "The tokenizer must map a scalar string to a 1-D tensor of token ids; for a "
                 f"scalar it returned shape {token_ids.shape}."
             )
-        return tf.concat([tf.cast(token_ids, tf.int32), [end_token_id]], axis=0)
+        return token_ids
 
     return (
         documents.filter(lambda document: tf.strings.length(document) > 0)
-        .map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
-        .filter(lambda token_ids: tf.size(token_ids) > 1)
+        .map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .filter(lambda token_ids: tf.size(token_ids) > 0)
+        .map(lambda token_ids: frame_document(token_ids, start_token_id, end_token_id))
     )
 
 
@@ -83,15 +109,28 @@ def _pack(token_documents, sequence_length):
         .map(label_tokens)
         .unbatch()
         .batch(sequence_length)
-        .map(lambda row: _finish_row(row, sequence_length), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(
+            lambda row: _finish_row(row, sequence_length),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
     )
 
 
-def pack_documents(documents, tokenizer, sequence_length=1024, end_token_id=None):
-    """Tokenises documents, ends each with `end_token_id`, and packs them into rows.
+def pack_documents(
+    documents,
+    tokenizer,
+    sequence_length=1024,
+    end_token_id=None,
+    start_token_id=None,
+    add_start_token=True,
+):
+    """Tokenises documents, frames each as `<s> text </s>`, and packs them into rows.
 
     Documents are read in order (no shuffling); empty documents, and documents the tokenizer
-    maps to no token, are dropped.
+    maps to no token, are dropped. Every document is framed by `frame_document`
+    (`keras_glam.models.glam_tokenizer`): GLaM's convention, which generation and scoring
+    share.
 
     Args:
         documents: a source (see `keras_glam.data.text_sources`): a `tf.data.Dataset` of
@@ -102,6 +141,12 @@ def pack_documents(documents, tokenizer, sequence_length=1024, end_token_id=None
         sequence_length: int >= 2, the row length `L`. Defaults to 1024 (GLaM).
         end_token_id: the id appended to every document. Defaults to
             `tokenizer.end_token_id`.
+        start_token_id: the id prepended to every document. Defaults to
+            `tokenizer.start_token_id`.
+        add_start_token: bool. Prepend the start token (GLaM's convention). `False` packs
+            `text </s>`: then a document's first token is never a label, and generation
+            (which starts prompts with `<s>`) sees inputs training never showed. Defaults to
+            `True`.
 
     Returns:
         A `tf.data.Dataset` of `{"token_ids": int32 [L], "segment_ids": int32 [L]}`.
@@ -110,13 +155,19 @@ def pack_documents(documents, tokenizer, sequence_length=1024, end_token_id=None
 
     >>> import keras_hub
     >>> rows = pack_documents(["abc", "de"], keras_hub.tokenizers.ByteTokenizer(),
-    ...                       sequence_length=4, end_token_id=0)
+    ...                       sequence_length=4, end_token_id=3, start_token_id=2)
+    >>> [row["token_ids"].tolist() for row in rows.as_numpy_iterator()]
+    [[2, 97, 98, 99], [3, 2, 100, 101], [3, 0, 0, 0]]
     >>> [row["segment_ids"].tolist() for row in rows.as_numpy_iterator()]
-    [[1, 1, 1, 1], [1, 1, 1, 0]]
+    [[1, 1, 1, 1], [1, 2, 2, 2], [1, 0, 0, 0]]
     """
     _check_sequence_length(sequence_length)
-    end_token_id = _resolve_end_token_id(tokenizer, end_token_id)
-    token_documents = _tokenized_documents(document_dataset(documents), tokenizer, end_token_id)
+    start_token_id, end_token_id = _resolve_document_tokens(
+        tokenizer, start_token_id, end_token_id, add_start_token
+    )
+    token_documents = _tokenized_documents(
+        document_dataset(documents), tokenizer, start_token_id, end_token_id
+    )
     return _pack(token_documents, sequence_length)
 
 
@@ -124,11 +175,12 @@ def causal_lm_example(rows):
     """Turns packed rows into Keras `(x, y, sample_weight)` for next-token prediction.
 
     `y[i] = token_ids[i + 1]`. A label counts (`sample_weight` 1) only when position `i` and
-    `i + 1` hold the same document: so the last real token of a document is trained to
-    predict `end_token_id`, while the end token's position (whose successor starts another
-    document), padding, and the last position of a row (whose successor is in the next row)
-    weigh 0. The first token of a document is never a label: there is no start token. Cost:
-    one label in `L` at row ends (0.1% at L = 1024).
+    `i + 1` hold the same document, so no label crosses a document boundary. With documents
+    framed as `<s> t1 .. tn </s>` (`pack_documents`): `<s>`'s position is trained to predict
+    the first real token `t1`, the last real token to predict `</s>`, while the end token's
+    position (whose successor starts another document), padding, and the last position of a
+    row (whose successor is in the next row) weigh 0; so `<s>` is never a label. Cost: one
+    label in `L` at row ends (0.1% at L = 1024).
 
     Args:
         rows: `{"token_ids": [..., L], "segment_ids": [..., L]}`, batched or not.
@@ -139,11 +191,13 @@ def causal_lm_example(rows):
 
     Example:
 
-    >>> rows = {"token_ids": tf.constant([5, 6, 1, 7, 1, 0]),
-    ...         "segment_ids": tf.constant([1, 1, 1, 2, 2, 0])}
+    >>> rows = {"token_ids": tf.constant([2, 5, 6, 1, 2, 7, 1, 0]),  # <s> = 2, </s> = 1
+    ...         "segment_ids": tf.constant([1, 1, 1, 1, 2, 2, 2, 0])}
     >>> x, y, weight = causal_lm_example(rows)
-    >>> y.numpy().tolist(), weight.numpy().tolist()
-    ([6, 1, 7, 1, 0, 0], [1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    >>> y.numpy().tolist()
+    [5, 6, 1, 2, 7, 1, 0, 0]
+    >>> weight.numpy().tolist()
+    [1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
     """
     token_ids, segment_ids = rows["token_ids"], rows["segment_ids"]
     last_position = tf.zeros_like(token_ids[..., :1])
@@ -205,6 +259,8 @@ def packed_lm_dataset(
     batch_size=8,
     weights=None,
     end_token_id=None,
+    start_token_id=None,
+    add_start_token=True,
     shuffle_buffer=10_000,
     seed=None,
     repeat=False,
@@ -216,7 +272,7 @@ def packed_lm_dataset(
     """GLaM's training input: packed, shuffled, mixed, batched causal-LM examples.
 
     For each source: documents are sharded (`shard(num_shards, shard_index)`, by document),
-    shuffled, optionally repeated, tokenised, ended with `end_token_id` and packed into rows
+    shuffled, optionally repeated, tokenised, framed as `<s> text </s>` and packed into rows
     (`pack_documents`); the rows are shuffled again. Several sources are mixed row by row with
     `tf.data.Dataset.sample_from_datasets`, so `weights` are fractions of rows, i.e. of
     training tokens (GLaM mixed six sources with weights 0.42 / 0.06 / 0.28 / 0.02 / 0.20 /
@@ -238,6 +294,10 @@ def packed_lm_dataset(
         batch_size: rows per batch. Defaults to 8.
         weights: one non-negative weight per source (normalised), or `None` for equal weights.
         end_token_id: the id ending every document. Defaults to `tokenizer.end_token_id`.
+        start_token_id: the id starting every document. Defaults to
+            `tokenizer.start_token_id`.
+        add_start_token: bool, start every document with the start token (GLaM's convention,
+            see `pack_documents`). Defaults to `True`.
         shuffle_buffer: buffer size of the document shuffle and of the row shuffle (per
             source); 0 or `None` disables shuffling. Defaults to 10000.
         seed: int seed of the shuffles and of the mixture sampling; `None` is
@@ -260,7 +320,7 @@ def packed_lm_dataset(
     >>> dataset = packed_lm_dataset(
     ...     [["aaaa", "aa"], ["bbb"]], keras_hub.tokenizers.ByteTokenizer(),
     ...     sequence_length=8, batch_size=2, weights=[0.7, 0.3], end_token_id=0,
-    ...     seed=1, repeat=True)
+    ...     start_token_id=1, seed=1, repeat=True)
     >>> x, y, sample_weight = next(iter(dataset))
     >>> tuple(x["token_ids"].shape), tuple(x["padding_mask"].shape)
     ((2, 8), (2, 8))
@@ -275,7 +335,9 @@ def packed_lm_dataset(
         )
     if not (isinstance(skip_batches, int) and skip_batches >= 0):
         raise ValueError(f"`skip_batches` must be an integer >= 0. Received: {skip_batches!r}")
-    end_token_id = _resolve_end_token_id(tokenizer, end_token_id)
+    start_token_id, end_token_id = _resolve_document_tokens(
+        tokenizer, start_token_id, end_token_id, add_start_token
+    )
     source_list, is_mixture = _as_source_list(sources)
     mixture_weights = _normalised_weights(weights, len(source_list))
     shuffle = bool(shuffle_buffer)
@@ -301,13 +363,17 @@ def packed_lm_dataset(
             documents = documents.shard(num_shards, shard_index)
         if not one_shot:  # Checking would consume a generator's documents.
             _require_documents(
-                _tokenized_documents(documents, tokenizer, end_token_id), description
+                _tokenized_documents(documents, tokenizer, start_token_id, end_token_id),
+                description,
             )
         if shuffle:
             documents = documents.shuffle(shuffle_buffer, seed=_stage_seed(seed, index, 0))
         if repeat:
             documents = documents.repeat()
-        rows = _pack(_tokenized_documents(documents, tokenizer, end_token_id), sequence_length)
+        rows = _pack(
+            _tokenized_documents(documents, tokenizer, start_token_id, end_token_id),
+            sequence_length,
+        )
         if shuffle:
             rows = rows.shuffle(shuffle_buffer, seed=_stage_seed(seed, index, 1))
         per_source_rows.append(rows)

@@ -20,8 +20,9 @@ def _is_blank(line):
     return tf.equal(tf.strings.strip(line), "")
 
 
-def _paragraphs(lines):
-    """Groups a file's lines into documents separated by blank (or whitespace-only) lines.
+def paragraphs(lines):
+    """Groups a file's lines (a dataset of scalar `tf.string`) into documents separated by blank
+    (or whitespace-only) lines.
 
     Streaming: a `scan` carries the paragraph read so far and emits it at the next blank line.
     The caller appends one blank line to every file so that its last paragraph is emitted too.
@@ -42,7 +43,7 @@ def _paragraphs(lines):
 
 
 def _file_paragraphs(path):
-    return _paragraphs(tf.data.TextLineDataset(path).concatenate(tf.data.Dataset.from_tensors("")))
+    return paragraphs(tf.data.TextLineDataset(path).concatenate(tf.data.Dataset.from_tensors("")))
 
 
 def text_files(paths, document_boundary="blank_line"):

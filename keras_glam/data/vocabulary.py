@@ -104,14 +104,20 @@ def train_vocabulary(
 
 
 if __name__ == "__main__":
-    # Regenerates the vocabulary shipped with the package's small presets.
+    # Regenerates the vocabulary of the small builtin presets, one copy in each; from the
+    # repository root:
+    #   python -m keras_glam.data.vocabulary presets/*/assets/tokenizer/vocabulary.spm
     import argparse
+    import shutil
 
     from keras_glam.data.embedded_corpus import pydoc_documents
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("output_path")
+    parser.add_argument("output_paths", nargs="+")
     parser.add_argument("--vocabulary-size", type=int, default=4096)
     args = parser.parse_args()
-    train_vocabulary(pydoc_documents(), args.vocabulary_size, args.output_path)
-    print(f"wrote {args.output_path}")
+    first, *copies = args.output_paths
+    train_vocabulary(pydoc_documents(), args.vocabulary_size, first)
+    for path in copies:
+        shutil.copyfile(first, path)
+    print(f"wrote {', '.join(args.output_paths)}")

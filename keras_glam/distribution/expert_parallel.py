@@ -4,11 +4,33 @@ import math
 
 import keras
 
-from keras_glam.distribution.layout_map import MultiAxisLayout
-from keras_glam.distribution.layout_map import axis_names_of
-from keras_glam.distribution.layout_map import glam_layout_map
+from keras_glam.models.layout_rules import MultiAxisLayout
+from keras_glam.models.layout_rules import axis_names_of
+from keras_glam.models.layout_rules import glam_layout_map
 
 MESH_AXES = ("data", "expert", "model")
+# GShard splits the batch over the data and expert axes: each device of an expert group routes
+# its own tokens.
+BATCH_AXES = ("data", "expert")
+
+
+def num_batch_shards(mesh):
+    """The number of parts a global batch is split into on `mesh`: `data x expert`.
+
+    Every batch (and every routing group count) must divide by it.
+
+    Args:
+        mesh: `{axis name: size}`, e.g. from `parse_mesh_spec`; a missing axis has size 1.
+
+    Returns:
+        int.
+
+    Example:
+
+    >>> num_batch_shards({"data": 2, "expert": 4, "model": 8})
+    8
+    """
+    return math.prod(mesh.get(axis, 1) for axis in BATCH_AXES)
 
 
 def _axes_size(device_mesh, entry):
@@ -52,7 +74,7 @@ class ExpertParallel(keras.distribution.ModelParallel):
     ```
     """
 
-    def __init__(self, layout_map, batch_axes=("data", "expert"), auto_shard_dataset=True):
+    def __init__(self, layout_map, batch_axes=BATCH_AXES, auto_shard_dataset=True):
         if not isinstance(layout_map, keras.distribution.LayoutMap):
             raise TypeError(
                 "`layout_map` must be a keras.distribution.LayoutMap, got "
@@ -188,7 +210,7 @@ def expert_parallel(
     mesh = keras.distribution.DeviceMesh(shape, MESH_AXES, _mesh_devices(shape, device_list))
     return ExpertParallel(
         glam_layout_map(mesh, fsdp=fsdp),
-        batch_axes=("data", "expert"),
+        batch_axes=BATCH_AXES,
         auto_shard_dataset=auto_shard_dataset,
     )
 

@@ -1,7 +1,9 @@
 """Per-device memory and traffic of GLaM under expert parallelism, computed from the config alone.
 
 No weight is allocated, so a 1.2T-parameter preset can be planned on a laptop. Weights follow the
-same layout rules as `glam_layout_map`; their shapes are those of `docs/architecture.md`.
+same layout rules as `glam_layout_map`; their names, shapes and dtypes are those of
+`keras_glam.models.architecture.weight_shapes`. Given the run's tokens, the report adds its
+bill (`compute_bill`).
 """
 
 import dataclasses
@@ -10,18 +12,24 @@ import re
 
 import keras
 
-from keras_glam.distribution.layout_map import layout_rules
+from keras_glam.distribution.compute_bill import ComputeOptimalSize
+from keras_glam.distribution.compute_bill import TrainingBill
+from keras_glam.distribution.compute_bill import compute_optimal_size
+from keras_glam.distribution.compute_bill import training_bill
+from keras_glam.distribution.expert_parallel import MESH_AXES
+from keras_glam.distribution.expert_parallel import num_batch_shards
 from keras_glam.layers.routing import expert_capacity
-from keras_glam.models.glam_backbone import padded_vocabulary_size
-from keras_glam.models.glam_presets import BACKBONE_PRESETS
+from keras_glam.models.architecture import EMBEDDING
+from keras_glam.models.architecture import MIXED_PRECISION_POLICY
+from keras_glam.models.architecture import is_moe_layer
+from keras_glam.models.architecture import resolve_config
+from keras_glam.models.architecture import weight_shapes
+from keras_glam.models.layout_rules import layout_rules
+from keras_glam.models.memory_check import bytes_per_element
 from keras_glam.models.parameter_count import count_params
-from keras_glam.models.parameter_count import is_moe_layer
-from keras_glam.training.adafactor import GLaMAdafactor
+from keras_glam.optimizers.adafactor import GLaMAdafactor
 
 _GIB = 2**30
-_AXES = ("data", "expert", "model")
-# Float32 whatever the dtype policy: the router and the routing statistics.
-_ALWAYS_FLOAT32 = re.compile(r".*/moe/(router/kernel|expert_load|dropped_fraction)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +65,8 @@ class DistributionPlan:
             and backward).
         device_memory_bytes: memory of one device, or None when not given.
         problems: layouts that cannot work on this mesh, with their fixes (empty when fine).
+        bill: the `TrainingBill` of the whole run, when `plan` was given `training_tokens`.
+        compute_optimal: Chinchilla's `ComputeOptimalSize` for the bill's FLOPs, with it.
     """
 
     model: str
@@ -81,6 +91,8 @@ class DistributionPlan:
     weight_gather_bytes: int
     device_memory_bytes: int = None
     problems: tuple = ()
+    bill: TrainingBill = None
+    compute_optimal: ComputeOptimalSize = None
 
     @property
     def num_devices(self):
@@ -143,6 +155,8 @@ class DistributionPlan:
         if self.fsdp:
             lines.append(_row("fsdp weight all-gathers", self.weight_gather_bytes))
         lines += [f"  problem: {problem}" for problem in self.problems]
+        if self.bill is not None:
+            lines += [str(self.bill), str(self.compute_optimal)]
         return "\n".join(lines)
 
 
@@ -150,84 +164,43 @@ def _row(label, num_bytes):
     return f"    {label:<48}{num_bytes / _GIB:>10.2f}"
 
 
-def _resolve(preset_or_config):
-    if isinstance(preset_or_config, str):
-        if preset_or_config not in BACKBONE_PRESETS:
+def parse_mesh_spec(spec):
+    """`"data=2,expert=4"` -> `{"data": 2, "expert": 4}`: the axes given, over `MESH_AXES`.
+
+    Example:
+
+    >>> parse_mesh_spec("expert=64,model=8")
+    {'expert': 64, 'model': 8}
+    """
+    axes = {}
+    for part in spec.split(","):
+        name, _, size = (piece.strip() for piece in part.partition("="))
+        if name not in MESH_AXES or name in axes or not size.isdigit() or int(size) < 1:
             raise ValueError(
-                f"Unknown preset '{preset_or_config}'. Known presets: "
-                f"{', '.join(sorted(BACKBONE_PRESETS))}. Or pass a GLaMBackbone config dict."
+                f"A mesh is axis=size pairs over the axes {', '.join(MESH_AXES)}, e.g. "
+                f"data=2,expert=4; got {spec!r}."
             )
-        return preset_or_config, dict(BACKBONE_PRESETS[preset_or_config]["config"])
-    if isinstance(preset_or_config, dict):
-        return "custom config", dict(preset_or_config)
-    raise TypeError(
-        "Expected a preset name or a GLaMBackbone config dict, got "
-        f"{type(preset_or_config).__name__}."
-    )
+        axes[name] = int(size)
+    return axes
 
 
 def _mesh_sizes(mesh):
+    if isinstance(mesh, str):
+        mesh = parse_mesh_spec(mesh)
     if isinstance(mesh, keras.distribution.DeviceMesh):
         mesh = dict(zip(mesh.axis_names, mesh.shape))
     if not isinstance(mesh, dict):
         raise TypeError(
-            "`mesh` must be a dict like {'data': 2, 'expert': 4, 'model': 1} or a "
-            f"keras.distribution.DeviceMesh, got {type(mesh).__name__}."
+            "`mesh` must be a dict like {'data': 2, 'expert': 4, 'model': 1}, a spec like "
+            f"'data=2,expert=4' or a keras.distribution.DeviceMesh, got {type(mesh).__name__}."
         )
-    unknown = set(mesh) - set(_AXES)
+    unknown = set(mesh) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"Unknown mesh axes {sorted(unknown)}; plan() knows {list(_AXES)}.")
-    sizes = {axis: int(mesh.get(axis, 1)) for axis in _AXES}
+        raise ValueError(f"Unknown mesh axes {sorted(unknown)}; plan() knows {list(MESH_AXES)}.")
+    sizes = {axis: int(mesh.get(axis, 1)) for axis in MESH_AXES}
     if any(size < 1 for size in sizes.values()):
         raise ValueError(f"Mesh axis sizes must be positive, got {sizes}.")
     return sizes
-
-
-def _embedding_rows(config):
-    return padded_vocabulary_size(
-        config["vocabulary_size"], config.get("pad_vocabulary_to_multiple_of", 1)
-    )
-
-
-def glam_weight_shapes(config):
-    """`(path, shape, trainable)` of every weight a `GLaMBackbone` with `config` creates.
-
-    Paths are those of `docs/architecture.md`, without any model-name prefix.
-    """
-    hidden, ffn = config["hidden_dim"], config["intermediate_dim"]
-    heads, head_dim = config["num_heads"], config["head_dim"]
-    experts = config.get("num_experts")
-    weights = [("token_embedding/embeddings", (_embedding_rows(config), hidden), True)]
-    for index in range(config["num_layers"]):
-        block = f"decoder_block_{index}"
-        weights.append((f"{block}/attention_norm/scale", (hidden,), True))
-        for name in ("query", "key", "value"):
-            weights.append((f"{block}/attention/{name}/kernel", (hidden, heads, head_dim), True))
-        weights += [
-            (f"{block}/attention/attention_output/kernel", (heads, head_dim, hidden), True),
-            (
-                f"{block}/attention/relative_bias/table",
-                (heads, config.get("num_buckets", 32)),
-                True,
-            ),
-            (f"{block}/feedforward_norm/scale", (hidden,), True),
-        ]
-        if is_moe_layer(index, experts, config.get("moe_layer_interval", 2)):
-            weights += [
-                (f"{block}/moe/router/kernel", (hidden, experts), True),
-                (f"{block}/moe/expert_wi/kernel", (experts, hidden, ffn), True),
-                (f"{block}/moe/expert_wo/kernel", (experts, ffn, hidden), True),
-                (f"{block}/moe/expert_load", (experts,), False),
-                (f"{block}/moe/dropped_fraction", (config.get("top_k", 2),), False),
-            ]
-        else:
-            weights += [
-                (f"{block}/ffn/ffn_gate/kernel", (hidden, ffn), True),
-                (f"{block}/ffn/ffn_linear/kernel", (hidden, ffn), True),
-                (f"{block}/ffn/ffn_output/kernel", (ffn, hidden), True),
-            ]
-    weights.append(("final_norm/scale", (hidden,), True))
-    return weights
 
 
 def _layout_of(path, rules):
@@ -261,7 +234,7 @@ def _shard_elements(shape, axes, sizes, path, problems):
 
 def _activation_bytes_per_token(config, sizes, sequence_length, group_size, capacity, policy):
     """Per layer kind, bytes autodiff keeps per routed token (the main tensors, no remat)."""
-    compute = _bytes(policy.compute_dtype)
+    compute = bytes_per_element(policy.compute_dtype)
     fp32 = 4
     tp = sizes["model"]
     hidden, ffn = config["hidden_dim"], config["intermediate_dim"]
@@ -294,12 +267,6 @@ def _dispatch_mode(config):
     return "sort" if config.get("dispatch") in ("sort", "sort_loop") else "einsum"
 
 
-def _bytes(dtype):
-    return {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}[
-        keras.backend.standardize_dtype(dtype)
-    ]
-
-
 def plan(
     preset_or_config,
     mesh,
@@ -307,13 +274,19 @@ def plan(
     sequence_length=1024,
     fsdp=False,
     remat=False,
-    dtype="mixed_bfloat16",
+    dtype=MIXED_PRECISION_POLICY,
     capacity_factor=None,
     num_routing_groups=None,
     device_memory_gib=None,
     optimizer=None,
+    training_tokens=None,
+    hardware=None,
+    mfu=None,
+    energy_mwh=None,
+    training_hours=None,
 ):
-    """Per-device memory and communication of one GLaM training step on a mesh.
+    """Per-device memory and communication of one GLaM training step on a mesh; with
+    `training_tokens`, the run's bill and Chinchilla's compute-optimal size too.
 
     Weights, gradients and optimizer slots are laid out exactly as `glam_layout_map` lays them
     out (`fsdp` as there), so their per-device bytes are exact. Activations are estimated from
@@ -335,7 +308,8 @@ def plan(
 
     Args:
         preset_or_config: a preset name (`"glam_64b_64e"`) or a `GLaMBackbone` config dict.
-        mesh: `{"data": d, "expert": e, "model": m}` (missing axes are 1) or a `DeviceMesh`.
+        mesh: `{"data": d, "expert": e, "model": m}` (missing axes are 1), the same as a
+            string `"data=d,expert=e,model=m"` (`parse_mesh_spec`), or a `DeviceMesh`.
         batch_tokens: int, tokens per global batch (GLaM: about 1M).
         sequence_length: int, tokens per sequence (GLaM: 1024).
         fsdp: split non-expert weights over the expert axis too (`expert_parallel(fsdp=...)`).
@@ -347,6 +321,13 @@ def plan(
             token, `C` proportional to the group size).
         device_memory_gib: memory of one device (TPU v4: 32), for the `fits` verdict.
         optimizer: a `GLaMAdafactor` whose slots to count; default GLaM's settings.
+        training_tokens: tokens of the whole run: adds the bill (`training_bill`, the mesh's
+            devices as chips) and `compute_optimal_size` of its FLOPs to the report.
+        hardware: a `keras_glam.distribution.Hardware` for chip-hours and energy, with one of
+            `mfu` (assumed), `energy_mwh` or `training_hours` (reported: the MFU they imply).
+        mfu: assumed model FLOPs utilisation in (0, 1].
+        energy_mwh: the run's reported energy.
+        training_hours: the run's reported wall-clock hours on this mesh.
 
     Returns:
         A `DistributionPlan`; `print` it for a readable report.
@@ -354,12 +335,13 @@ def plan(
     Example:
     ```python
     report = keras_glam.distribution.plan(
-        "glam_64b_64e", {"expert": 64, "model": 8}, batch_tokens=2**19,
-        fsdp=True, remat=True, device_memory_gib=32)
-    print(report)
+        "glam_64b_64e", {"data": 2, "expert": 64, "model": 8}, batch_tokens=2**20,
+        fsdp=True, remat=True, device_memory_gib=32,
+        training_tokens=600e9, hardware=keras_glam.distribution.GLAM_TPU_V4, energy_mwh=456)
+    print(report)   # ... chip-hours at MFU 27.7% (implied by 456 MWh) ...
     ```
     """
-    name, config = _resolve(preset_or_config)
+    name, config = resolve_config(preset_or_config)
     sizes = _mesh_sizes(mesh)
     for argument, value in (("batch_tokens", batch_tokens), ("sequence_length", sequence_length)):
         if not isinstance(value, int) or value < 1:
@@ -372,7 +354,7 @@ def plan(
             "GLaMAdafactor (or None for GLaM's settings)."
         )
     problems = []
-    batch_shards = sizes["data"] * sizes["expert"]
+    batch_shards = num_batch_shards(sizes)
     if batch_tokens % sequence_length or (batch_tokens // sequence_length) % batch_shards:
         problems.append(
             f"{batch_tokens:,} tokens are not whole sequences of {sequence_length} on each of "
@@ -389,13 +371,14 @@ def plan(
     group_size = max(batch_tokens // num_groups, 1)
     experts = config.get("num_experts")
 
-    rules = layout_rules(_AXES, fsdp=fsdp)
-    variable_bytes = _bytes(policy.variable_dtype)
+    rules = layout_rules(MESH_AXES, fsdp=fsdp)
+    variable_bytes = bytes_per_element(policy.variable_dtype)
     parameter_bytes = gradient_bytes = optimizer_bytes = reduce_bytes = gather_bytes = 0
     num_devices = math.prod(sizes.values())
-    for path, shape, trainable in glam_weight_shapes(config):
+    weights = weight_shapes(config)
+    for path, shape, trainable, pinned_dtype, _ in weights:
         axes = _layout_of(path, rules)
-        weight_bytes = 4 if _ALWAYS_FLOAT32.fullmatch(path) else variable_bytes
+        weight_bytes = bytes_per_element(pinned_dtype) if pinned_dtype else variable_bytes
         shard = _shard_elements(shape, axes, sizes, path, problems) * weight_bytes
         parameter_bytes += shard
         if not trainable:
@@ -408,7 +391,7 @@ def plan(
             # reduce-scattered back to the shards.
             gather_bytes += 2 * shard * (sizes["expert"] - 1)
             reduce_bytes += shard * (sizes["expert"] - 1)
-        optimizer_bytes += _optimizer_shard_bytes(optimizer, shape, axes, sizes)
+        optimizer_bytes += _optimizer_shard_bytes(optimizer, path, shape, axes, sizes)
 
     capacity = 0
     if experts:
@@ -424,10 +407,10 @@ def plan(
         for i in range(config["num_layers"])
     ]
     num_moe_layers = layer_kinds.count("moe")
-    compute = _bytes(policy.compute_dtype)
+    compute = bytes_per_element(policy.compute_dtype)
     # Final norm, float32 logits and their softmax, vocabulary split over `model`.
     head = 2 * config["hidden_dim"] * compute + (
-        2 * 4 * _embedding_rows(config) // sizes["model"]
+        2 * 4 * next(w.shape[0] for w in weights if w.role == EMBEDDING) // sizes["model"]
     )
     layer_bytes = [per_token["attention"] + per_token[kind] for kind in layer_kinds]
     if remat:
@@ -447,7 +430,14 @@ def plan(
         * (sizes["expert"] - 1)
         / sizes["expert"]
     )
-    total, activated = count_params(config, vocabulary_size=_embedding_rows(config))
+    total, activated = count_params(config)
+    bill = optimal = None
+    if training_tokens is not None:
+        bill = training_bill(
+            preset_or_config, training_tokens, hardware, mfu=mfu, energy_mwh=energy_mwh,
+            hours=training_hours, num_chips=num_devices, sequence_length=sequence_length,
+        )
+        optimal = compute_optimal_size(bill.total_flops)
     return DistributionPlan(
         model=name,
         mesh=sizes,
@@ -471,22 +461,25 @@ def plan(
         weight_gather_bytes=gather_bytes,
         device_memory_bytes=None if device_memory_gib is None else int(device_memory_gib * _GIB),
         problems=tuple(problems),
+        bill=bill,
+        compute_optimal=optimal,
     )
 
 
-def _optimizer_shard_bytes(optimizer, shape, axes, sizes):
+def _optimizer_shard_bytes(optimizer, path, shape, axes, sizes):
     """Bytes of the float32 slots `GLaMAdafactor` keeps for one weight, per device."""
     axes = tuple(axes) + (None,) * (len(shape) - len(axes))
-    factored = optimizer.factored_dims(shape)
+    factored = optimizer.factored_axes(path, shape)
     slots = []
     if factored is None:
         slots.append((shape, axes))
     else:
+        # Each factored slot is a mean over one group of the weight's axes.
         for removed in factored:
             slots.append(
                 (
-                    tuple(s for i, s in enumerate(shape) if i != removed),
-                    tuple(a for i, a in enumerate(axes) if i != removed),
+                    tuple(s for i, s in enumerate(shape) if i not in removed),
+                    tuple(a for i, a in enumerate(axes) if i not in removed),
                 )
             )
     if optimizer.beta_1:
@@ -504,7 +497,7 @@ def propose_mesh(
     sequence_length=1024,
     device_memory_gib=None,
     remat=False,
-    dtype="mixed_bfloat16",
+    dtype=MIXED_PRECISION_POLICY,
 ):
     """Propose `expert_parallel` arguments for `num_devices` devices.
 
@@ -535,7 +528,7 @@ def propose_mesh(
     """
     if not isinstance(num_devices, int) or num_devices < 1:
         raise ValueError(f"`num_devices` must be a positive int, got {num_devices!r}.")
-    _, config = _resolve(preset_or_config)
+    _, config = resolve_config(preset_or_config)
     experts = config.get("num_experts") or 1
     candidates = []
     for expert in _divisors(math.gcd(num_devices, experts)):
@@ -543,7 +536,7 @@ def propose_mesh(
             data = num_devices // (expert * model)
             for fsdp in (False, True) if expert > 1 else (False,):
                 mesh = {"data": data, "expert": expert, "model": model}
-                tokens = batch_tokens or sequence_length * data * expert
+                tokens = batch_tokens or sequence_length * num_batch_shards(mesh)
                 candidate = plan(
                     config, mesh, tokens, sequence_length, fsdp=fsdp, remat=remat,
                     dtype=dtype, device_memory_gib=device_memory_gib,

@@ -1,8 +1,9 @@
-"""Publishing GLaM presets to the Hugging Face Hub: upload, model card, tokens, retries.
+"""GLaM on the Hugging Face Hub: publishing presets, and training checkpoints synced while training.
 
-Downloads need nothing from here: `GLaMCausalLM.from_preset("hf://namespace/name")` goes through
-keras-hub and `huggingface_hub.hf_hub_download`. Training checkpoints that sync to the Hub while
-training: `keras_glam.callbacks.HubCheckpoint` (built on `checkpoint_sync`).
+Publishing: upload, model card, tokens, retries (`publish_model`, `publish_preset`). Downloads
+need nothing from here: `GLaMCausalLM.from_preset("hf://namespace/name")` goes through keras-hub
+and `huggingface_hub.hf_hub_download`. Training checkpoints: the `HubCheckpoint` callback
+(`checkpoint_callback`, also `keras_glam.callbacks.HubCheckpoint`), built on `checkpoint_sync`.
 """
 
 from keras_glam.hub.auth import HubAuthError
@@ -10,6 +11,7 @@ from keras_glam.hub.auth import WriteAccess
 from keras_glam.hub.auth import check_write_access
 from keras_glam.hub.auth import parse_hf_handle
 from keras_glam.hub.auth import resolve_token
+from keras_glam.hub.checkpoint_callback import HubCheckpoint
 from keras_glam.hub.checkpoint_sync import PushedCheckpoint
 from keras_glam.hub.checkpoint_sync import RemoteCheckpointError
 from keras_glam.hub.checkpoint_sync import pull_latest_checkpoint
@@ -25,6 +27,7 @@ from keras_glam.hub.retry import call_with_retries
 
 __all__ = [
     "HubAuthError",
+    "HubCheckpoint",
     "HubUnavailableError",
     "PresetValidationError",
     "PublishResult",

@@ -3,7 +3,7 @@
 A token is secret: nothing in this module logs it, prints it or puts it in an exception message.
 """
 
-import os
+import functools
 import re
 from dataclasses import dataclass
 
@@ -11,8 +11,11 @@ import huggingface_hub
 from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError
 
+from keras_glam.hub.retry import HubUnavailableError
 from keras_glam.hub.retry import call_with_retries
+from keras_glam.hub.retry import is_rate_limited
 from keras_glam.hub.retry import redact
+from keras_glam.hub.retry import retry_after
 
 HF_SCHEME = "hf://"
 _REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -68,10 +71,12 @@ def parse_hf_handle(handle):
 
 
 def resolve_token(token=None):
-    """The token to use: `token`, else `HF_TOKEN`, else the Hub client's stored login.
+    """The token to use: `token`, else the one the Hub client itself would use.
 
-    The stored login is `huggingface_hub.get_token()` (`hf auth login`). Returns None when there
-    is none; blank strings count as none.
+    That is `huggingface_hub.get_token()`, in its order: a CI token exchanged through OIDC when
+    `HF_OIDC_RESOURCE` is set, `HF_TOKEN`, `HUGGING_FACE_HUB_TOKEN`, the stored login
+    (`hf auth login`), Google Colab's secret. Returns None when there is none; blank strings
+    count as none.
 
     Args:
         token: an explicit token, or None.
@@ -83,10 +88,15 @@ def resolve_token(token=None):
     """
     if token is not None and not isinstance(token, str):
         raise TypeError(f"token must be a string or None, got {type(token).__name__}.")
-    for candidate in (token, os.environ.get("HF_TOKEN"), huggingface_hub.get_token()):
-        if candidate and candidate.strip():
-            return candidate.strip()
-    return None
+    if token is not None and token.strip():
+        return token.strip()
+    return huggingface_hub.get_token()
+
+
+@functools.cache
+def _hub_api(endpoint):
+    """One client per endpoint for the whole process, so that its `whoami` cache is shared."""
+    return huggingface_hub.HfApi(endpoint=endpoint)
 
 
 def _write_refusal(whoami, namespace, repo_id):
@@ -138,7 +148,9 @@ def check_write_access(
     Asks the Hub's `whoami` who the token belongs to and reads its role: a "write" token writes
     its user's namespace and the organizations where the user has a writing role; a
     "fineGrained" token writes where a scoped grant holds "repo.write"; a "read" token writes
-    nowhere. `whoami` is retried on connection and server errors.
+    nowhere. The Hub rate-limits `whoami`, so it is asked once per token and endpoint in a
+    process (the answer is cached), retried on connection and server errors but never on
+    HTTP 429.
 
     Args:
         handle: "hf://namespace/name" or "hf://name" (the token's own namespace).
@@ -153,7 +165,8 @@ def check_write_access(
     Raises:
         HubAuthError: offline mode, no token, a token the Hub rejects, or one without write
             access.
-        HubUnavailableError: the Hub could not be reached within the retry budget.
+        HubUnavailableError: the Hub could not be reached within the retry budget, or
+            rate-limits `whoami` (HTTP 429).
 
     Example:
     ```python
@@ -174,17 +187,26 @@ def check_write_access(
             f"No Hugging Face token found to write {handle}. Pass token=..., set the HF_TOKEN "
             "environment variable, or log in with `hf auth login`; the token needs write access."
         )
-    api = huggingface_hub.HfApi(endpoint=endpoint)
+    api = _hub_api(endpoint)
     try:
         whoami = call_with_retries(
-            lambda: api.whoami(token=token),
+            lambda: api.whoami(token=token, cache=True),
             description="whoami (token check)",
             endpoint=endpoint,
             max_retries=max_retries,
             initial_delay=initial_retry_delay,
             secrets=(token,),
+            retry_rate_limited=False,
         )
     except HfHubHTTPError as error:
+        if is_rate_limited(error):
+            wait = retry_after(error)
+            raise HubUnavailableError(
+                f"The Hub at {endpoint} rate-limits the token check (HTTP 429 on whoami), which "
+                "a retry would only prolong. Start again "
+                + (f"in {wait:g} s" if wait is not None else "in a few minutes")
+                + "."
+            ) from None
         if error.response is not None and error.response.status_code == 401:
             raise HubAuthError(
                 f"The Hub at {endpoint} rejected the token (HTTP 401: invalid or expired). "

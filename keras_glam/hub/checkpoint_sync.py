@@ -1,8 +1,8 @@
 """Training checkpoints on the Hugging Face Hub: the repository layout, pushing and pulling back.
 
-`keras_glam.callbacks.HubCheckpoint` mirrors the checkpoints of a `CheckpointManager` directory
-to a Hub repository, one commit per checkpoint. Every commit is a complete Keras preset whose
-weights are the checkpoint's, plus the training state to resume from:
+`HubCheckpoint` (`keras_glam.hub.checkpoint_callback`) mirrors the checkpoints of a
+`CheckpointManager` directory to a Hub repository, one commit per checkpoint. Every commit is a
+complete Keras preset whose weights are the checkpoint's, plus the training state to resume from:
 
 ```
 README.md                      keras_glam's model card (step, training loss)
@@ -53,19 +53,21 @@ from huggingface_hub.errors import RevisionNotFoundError
 from keras_glam.hub.auth import parse_hf_handle
 from keras_glam.hub.auth import resolve_token
 from keras_glam.hub.model_card import render_model_card
-from keras_glam.hub.publish import _KEPT_REMOTE_FILES
 from keras_glam.hub.publish import CONFIG_FILE
+from keras_glam.hub.publish import KEPT_REMOTE_FILES
 from keras_glam.hub.publish import README_FILE
-from keras_glam.hub.publish import _refuse_leaked_token
+from keras_glam.hub.publish import refuse_leaked_token
 from keras_glam.hub.publish import validate_preset_dir
 from keras_glam.hub.retry import HubUnavailableError
 from keras_glam.hub.retry import call_with_retries
+from keras_glam.hub.retry import redact
 from keras_glam.models.parameter_count import count_params
+from keras_glam.training.checkpointing import CHECKPOINT_FILES
 from keras_glam.training.checkpointing import STATE_FILE
 from keras_glam.training.checkpointing import CheckpointManager
 from keras_glam.training.checkpointing import CorruptCheckpointError
-from keras_glam.training.checkpointing import file_sha256
 from keras_glam.training.checkpointing import parse_checkpoint_name
+from keras_glam.utils.atomic_files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +204,11 @@ def _read_manifest(path, remote):
             f"its {MANIFEST_FILE} describes checkpoint {record.get('name')!r}, not this folder"
         )
     files = record.get("files")
-    if not isinstance(files, dict) or STATE_FILE not in files:
-        raise _IncompleteCheckpoint(f"its {MANIFEST_FILE} lists no {STATE_FILE}")
+    if not isinstance(files, dict):
+        raise _IncompleteCheckpoint(f"its {MANIFEST_FILE} lists no files")
+    for name in (STATE_FILE, *CHECKPOINT_FILES):
+        if name not in files:
+            raise _IncompleteCheckpoint(f"its {MANIFEST_FILE} does not list {name}")
     for name, expected in files.items():
         if (
             not _PLAIN_FILE_NAME.fullmatch(name)
@@ -244,8 +249,8 @@ def _commit_message(step, metrics):
 class CheckpointRepository:
     """A Hub repository of training checkpoints: list, pull and push them (module docstring).
 
-    Every request is retried with exponential backoff on connection errors, HTTP 429 and 5xx,
-    never on 4xx.
+    Every request is retried with exponential backoff on connection errors, HTTP 408, 429 and
+    5xx (waiting at least as long as a `Retry-After` asks), never on other 4xx.
 
     Args:
         repo_id: "namespace/name".
@@ -301,6 +306,11 @@ class CheckpointRepository:
     @property
     def handle(self):
         return f"hf://{self.repo_id}"
+
+    def redacted(self, error):
+        """The text of `error` (or any object) without this repository's token, for logs: a
+        server or proxy may echo request headers into an error message."""
+        return redact(str(error), (self._token,))
 
     def _retried(self, description, operation, sleep=time.sleep):
         return call_with_retries(
@@ -435,8 +445,8 @@ class CheckpointRepository:
         )
         manifest = _manifest(checkpoint, checkpoint_files)
         if self._token is not None:
-            _refuse_leaked_token(pathlib.Path(preset_dir), preset_files, card, self._token)
-            _refuse_leaked_token(
+            refuse_leaked_token(pathlib.Path(preset_dir), preset_files, card, self._token)
+            refuse_leaked_token(
                 pathlib.Path(checkpoint.path), checkpoint_files, manifest.decode(), self._token
             )
         folder = f"{CHECKPOINTS_FOLDER}/{name}"
@@ -475,7 +485,7 @@ class CheckpointRepository:
                 path
                 for path in remote_files
                 if path not in new_paths
-                and path not in _KEPT_REMOTE_FILES
+                and path not in KEPT_REMOTE_FILES
                 and not path.startswith(kept_folders)
             )
             operations = [CommitOperationDelete(path_in_repo=path) for path in stale]
@@ -677,7 +687,7 @@ class CheckpointPusher:
                     "checkpoint will be pushed; the local copy %s is kept.",
                     job.checkpoint.step,
                     self.repository.handle,
-                    error,
+                    self.repository.redacted(error),
                     job.checkpoint.path,
                 )
                 with self._condition:
@@ -713,7 +723,7 @@ class CheckpointPusher:
                     "trying again in %.3g s.",
                     job.checkpoint.step,
                     self.repository.handle,
-                    error,
+                    self.repository.redacted(error),
                     self.retry_pause,
                 )
                 self._pause(self.retry_pause)
@@ -744,8 +754,8 @@ def pull_latest_checkpoint(
         handle: "hf://namespace/name".
         checkpoint_dir: a `CheckpointManager` directory (created if needed).
         revision: the branch (or commit) to read; None is `main`.
-        token: the Hub token; None uses `HF_TOKEN` or the stored login (needed for private
-            repositories).
+        token: the Hub token (needed for private repositories); None uses the Hub client's own
+            (`HF_TOKEN`, `hf auth login`, ...: see `resolve_token`).
         max_retries: retries per request on transient failures.
         initial_retry_delay: seconds before the first retry; doubles after each.
 

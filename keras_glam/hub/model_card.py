@@ -1,13 +1,18 @@
 """The model card (README.md) keras_glam publishes with a GLaM preset on the Hugging Face Hub."""
 
+import json
+import os
 import pathlib
 
+from huggingface_hub import EvalResult
 from huggingface_hub import ModelCardData
 
 from keras_glam.hub.auth import parse_hf_handle
 from keras_glam.models.parameter_count import is_moe_layer
 
 CARD_TAGS = ("keras", "glam", "mixture-of-experts")
+# `datasets` builders of local task data: no Hub dataset to link to.
+_LOCAL_DATA_BUILDERS = ("json", "parquet", "arrow", "csv", "text")
 
 
 def _human_count(count):
@@ -85,6 +90,7 @@ def render_model_card(
     training_steps=None,
     metrics=None,
     loss_plot=None,
+    eval_results=None,
 ):
     """Render a GLaM preset's model card (README.md): YAML front matter and Markdown.
 
@@ -109,15 +115,19 @@ def render_model_card(
             omits the section.
         loss_plot: path of a PNG inside the repository (relative to the preset directory, see
             `find_loss_plot`), embedded as an image; None omits it.
+        eval_results: evaluation results: the path of a `results.json` written by `glam-eval`
+            (or by lm-eval), or its parsed dict. Every score goes into the front matter's
+            `model-index` (one entry per task and few-shot setting) and an "Evaluation" table;
+            tasks `glam-eval` could not run are listed. None omits both.
 
     Returns:
         The card as a string.
 
     Example:
     ```python
-    from keras_glam.models.glam_presets import BACKBONE_PRESETS
+    from keras_glam.models.presets import local_backbone_config
 
-    config = BACKBONE_PRESETS["glam_tiny_8e"]["config"]
+    config = local_backbone_config("glam_tiny_8e")
     total, activated = keras_glam.count_params(config)
     card = render_model_card(
         "hf://glam-org/glam-tiny",
@@ -153,12 +163,18 @@ def render_model_card(
     if loss_plot is not None:
         _check_loss_plot(loss_plot)
 
+    evaluation = read_eval_results(eval_results) if eval_results is not None else None
+
     repo_id = f"{namespace}/{name}"
+    card_data = {}
+    if evaluation is not None and evaluation.scores:
+        card_data = {"model_name": repo_id, "eval_results": eval_results_for_card(evaluation)}
     front_matter = ModelCardData(
         library_name="keras-hub",
         pipeline_tag="text-generation",
         license=license,
         tags=list(CARD_TAGS),
+        **card_data,
     ).to_yaml()
     description = description or (
         "A GLaM (Du et al., 2021) decoder-only language model: a Transformer in which every other "
@@ -191,6 +207,8 @@ def render_model_card(
             f"| {_cell(key)} | {_cell(_format_metric(value))} |" for key, value in metrics.items()
         ]
         lines.append("")
+    if evaluation is not None:
+        lines += _evaluation_section(evaluation)
     if loss_plot is not None:
         lines += ["## Training loss", "", f"![Training loss]({loss_plot})", ""]
     lines += [
@@ -234,3 +252,135 @@ def find_loss_plot(preset_dir):
     if named_loss:
         return named_loss[0]
     return pngs[0] if len(pngs) == 1 else None
+
+
+class EvaluationResults:
+    """The scores of a `results.json`, flattened for a model card.
+
+    Attributes:
+        scores: `[(task, num_fewshot, metric, filter, value, dataset)]` in file order;
+            `dataset` is `(path, config, split)` of the task's Hub dataset or None (local data).
+        missing: `[(name, reason)]` of tasks the evaluation could not run.
+    """
+
+    def __init__(self, scores, missing):
+        self.scores = scores
+        self.missing = missing
+
+
+def read_eval_results(eval_results):
+    """Parse evaluation results for a card: a `results.json` path, its dict (or the result).
+
+    Accepts `glam-eval`'s file (`{"runs": [lm-eval results per few-shot setting],
+    "missing_tasks": [...]}`) and a plain lm-eval results file (`{"results": ..., "n-shot": ...}`).
+
+    Raises:
+        ValueError: the file is missing, is not JSON, or holds no lm-eval results.
+
+    Example:
+    ```python
+    evaluation = read_eval_results("glam_eval/results.json")
+    [(task, shots, metric, value) for task, shots, metric, _, value, _ in evaluation.scores]
+    ```
+    """
+    if isinstance(eval_results, EvaluationResults):
+        return eval_results
+    document = eval_results
+    if isinstance(eval_results, (str, os.PathLike)):
+        try:
+            with open(eval_results, encoding="utf-8") as file:
+                document = json.load(file)
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"eval_results: cannot read {os.fspath(eval_results)} as JSON ({error}). Pass "
+                "the results.json written by glam-eval."
+            ) from None
+    runs = document.get("runs") if isinstance(document, dict) else None
+    if runs is None and isinstance(document, dict) and "results" in document:
+        runs = [document]
+    if not isinstance(runs, list) or not all(isinstance(run.get("results"), dict) for run in runs):
+        raise ValueError(
+            "eval_results must be glam-eval's results.json (with 'runs') or lm-eval's results "
+            "(with 'results')."
+        )
+    scores = []
+    for run in runs:
+        configs = run.get("configs", {})
+        for task, values in run["results"].items():
+            shots = run.get("num_fewshot", run.get("n-shot", {}).get(task, 0))
+            dataset = _hub_dataset(configs.get(task, {}))
+            for key, value in values.items():
+                metric, _, filter_name = key.partition(",")
+                if not filter_name or "_stderr" in metric:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                scores.append((task, int(shots), metric, filter_name, float(value), dataset))
+    missing = [
+        (entry.get("name"), entry.get("reason", ""))
+        for entry in (document.get("missing_tasks") or [])
+    ]
+    return EvaluationResults(scores, missing)
+
+
+def _hub_dataset(config):
+    path = config.get("dataset_path")
+    if not path or path in _LOCAL_DATA_BUILDERS:
+        return None
+    split = config.get("test_split") or config.get("validation_split")
+    return (path, config.get("dataset_name"), split)
+
+
+def eval_results_for_card(evaluation):
+    """`huggingface_hub.EvalResult`s of an `EvaluationResults`: the card's `model-index`.
+
+    The model-index groups a dataset's metrics into one entry whatever their `num_few_shot`,
+    so a task evaluated in several settings carries the setting in each metric's name only.
+    """
+    settings = {}
+    for task, shots, *_ in evaluation.scores:
+        settings.setdefault(task, set()).add(shots)
+    results = []
+    for task, shots, metric, filter_name, value, dataset in evaluation.scores:
+        path, config, split = dataset or (task, None, None)
+        label = metric if filter_name == "none" else f"{metric} ({filter_name})"
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                task_name="Text Generation",
+                dataset_type=path,
+                dataset_name=task,
+                dataset_config=config,
+                dataset_split=split,
+                dataset_args={"num_few_shot": shots} if len(settings[task]) == 1 else None,
+                metric_type=metric,
+                metric_value=value,
+                metric_name=f"{label}, {shots}-shot",
+            )
+        )
+    return results
+
+
+def _evaluation_section(evaluation):
+    lines = [
+        "## Evaluation",
+        "",
+        "Scores from `glam-eval` (lm-evaluation-harness; `acc_per_token` is GLaM's "
+        "multiple-choice rule: the option with the best log-likelihood per token), on a 0-1 "
+        "scale.",
+        "",
+    ]
+    if evaluation.scores:
+        lines += ["| Task | Shots | Metric | Value |", "|---|---|---|---|"]
+        for task, shots, metric, filter_name, value, _ in evaluation.scores:
+            label = metric if filter_name == "none" else f"{metric} ({filter_name})"
+            lines.append(f"| {_cell(task)} | {shots} | {_cell(label)} | {value:.4g} |")
+        lines.append("")
+    if evaluation.missing:
+        lines.append(
+            "Not evaluated: "
+            + "; ".join(f"{_cell(name)} ({_cell(reason)})" for name, reason in evaluation.missing)
+            + "."
+        )
+        lines.append("")
+    return lines

@@ -34,8 +34,9 @@ README_FILE = "README.md"
 _SHARD_FILE = re.compile(r"model_\d+\.weights\.h5")
 # Never uploaded: version control and the Hub client's local-dir metadata.
 _IGNORED_DIRS = (".git", ".cache/huggingface")
-# Never deleted from the repository: the Hub's own attributes file.
-_KEPT_REMOTE_FILES = (".gitattributes",)
+# Never deleted from a repository by a commit that replaces its files: the Hub's own
+# attributes file.
+KEPT_REMOTE_FILES = (".gitattributes",)
 _COMMIT_ID = re.compile(r"[0-9a-f]{40}")
 
 
@@ -211,8 +212,33 @@ def _card_text(root, files, model_card):
     )
 
 
-def _refuse_leaked_token(root, files, card, token):
-    """Refuse to upload a file or card containing the token (weights are not scanned)."""
+def check_branch_revision(revision):
+    """Refuse a `revision` that cannot be committed to: not a string, or a commit id.
+
+    Args:
+        revision: a branch name, or None for `main`.
+
+    Raises:
+        ValueError: `revision` is a commit id or not a string.
+    """
+    if revision is not None and (not isinstance(revision, str) or _COMMIT_ID.fullmatch(revision)):
+        raise ValueError(
+            f"revision must be a branch name, got {revision!r}: a commit id cannot be committed to."
+        )
+
+
+def refuse_leaked_token(root, files, card, token):
+    """Refuse to upload a file or card that contains the Hub token (weights are not scanned).
+
+    Args:
+        root: `pathlib.Path` of the directory the files are in.
+        files: paths of the files to upload, relative to `root`.
+        card: the model card's text.
+        token: the Hub token.
+
+    Raises:
+        ValueError: naming the card or the file that contains the token.
+    """
     secret = token.encode()
     if secret in card.encode():
         raise ValueError(
@@ -248,9 +274,10 @@ def publish_preset(
     repository files the preset no longer has: a stale `model.weights.h5` left by an earlier
     upload would otherwise shadow new sharded weights, since keras-hub loads it first.
 
-    Each step is retried with exponential backoff on connection errors, HTTP 429 and 5xx, never
-    on 4xx. A retried commit is safe: the client skips files whose content the Hub already holds,
-    so a commit that landed but whose answer was lost is not duplicated.
+    Each step is retried with exponential backoff on connection errors, HTTP 408, 429 and 5xx
+    (waiting at least as long as a `Retry-After` asks), never on other 4xx. A retried commit is
+    safe: the client skips files whose content the Hub already holds, so a commit that landed but
+    whose answer was lost is not duplicated.
 
     Args:
         preset_dir: a directory written by `save_to_preset`.
@@ -265,7 +292,8 @@ def publish_preset(
             (`.gitattributes` is kept).
         max_retries: retries per step on transient failures.
         initial_retry_delay: seconds before the first retry; doubles after each.
-        token: the Hub token; None uses `HF_TOKEN` or the stored login (`hf auth login`).
+        token: the Hub token; None uses the Hub client's own (`HF_TOKEN`, `hf auth login`, ...:
+            see `resolve_token`).
 
     Returns:
         A `PublishResult` with the commit id and url.
@@ -292,14 +320,11 @@ def publish_preset(
     root = pathlib.Path(preset_dir)
     files = validate_preset_dir(root)
     card = _card_text(root, files, model_card)
-    if revision is not None and (not isinstance(revision, str) or _COMMIT_ID.fullmatch(revision)):
-        raise ValueError(
-            f"revision must be a branch name, got {revision!r}: a commit id cannot be committed to."
-        )
+    check_branch_revision(revision)
     branch = revision or "main"
     token = resolve_token(token)
     if token is not None:
-        _refuse_leaked_token(root, files, card, token)
+        refuse_leaked_token(root, files, card, token)
     access = check_write_access(
         handle, token=token, max_retries=max_retries, initial_retry_delay=initial_retry_delay
     )
@@ -324,7 +349,7 @@ def publish_preset(
     def commit():
         # Operations are rebuilt on every attempt: the client caches upload modes on them.
         remote = set(api.list_repo_files(repo_id, revision=branch)) if delete_stale_files else set()
-        stale = tuple(sorted(remote - set(uploaded) - set(_KEPT_REMOTE_FILES)))
+        stale = tuple(sorted(remote - set(uploaded) - set(KEPT_REMOTE_FILES)))
         operations = [CommitOperationDelete(path_in_repo=path) for path in stale]
         operations += [
             CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(root / path))

@@ -7,6 +7,7 @@ import tempfile
 
 from keras_glam.hub.auth import check_write_access
 from keras_glam.hub.auth import resolve_token
+from keras_glam.hub.model_card import read_eval_results
 from keras_glam.hub.model_card import render_model_card
 from keras_glam.hub.publish import publish_preset
 from keras_glam.models.parameter_count import count_params
@@ -20,6 +21,7 @@ def publish_model(
     training_steps=None,
     metrics=None,
     loss_plot=None,
+    eval_results=None,
     description=None,
     license="apache-2.0",  # noqa: A002 - the model-card field's name
     commit_message=None,
@@ -44,6 +46,8 @@ def publish_model(
         metrics: `{name: number or string}` for the card's metrics table.
         loss_plot: path of a local PNG file; it is uploaded next to the preset and shown in
             the card.
+        eval_results: the `results.json` of `glam-eval` (a path, or its parsed dict): its
+            scores go into the card's `model-index` and an "Evaluation" table.
         description: the card's introduction; a generic GLaM one when None.
         license: the licence identifier for the card's front matter.
         commit_message: the commit's title; a default names the repository.
@@ -58,7 +62,8 @@ def publish_model(
 
     Raises:
         HubAuthError: no token, or one without write access (nothing was saved or sent).
-        ValueError: `loss_plot` is not an existing PNG file, or a card argument is invalid.
+        ValueError: `loss_plot` is not an existing PNG file, `eval_results` is unreadable, or a
+            card argument is invalid.
 
     Example:
     ```python
@@ -69,6 +74,7 @@ def publish_model(
         training_steps=500,
         metrics={"held-out cross-entropy": 3.21},
         loss_plot="glam_run/training.png",
+        eval_results="glam_eval/results.json",
     )
     keras_glam.GLaMCausalLM.from_preset(result.handle)
     ```
@@ -79,6 +85,8 @@ def publish_model(
             raise ValueError(
                 f"loss_plot must be an existing .png file, got {os.fspath(loss_plot)!r}."
             )
+    if eval_results is not None:
+        eval_results = read_eval_results(eval_results)  # Unreadable: fail before the Hub.
     token = resolve_token(token)
     access = check_write_access(
         handle, token=token, max_retries=max_retries, initial_retry_delay=initial_retry_delay
@@ -97,6 +105,7 @@ def publish_model(
         training_steps=training_steps,
         metrics=metrics,
         loss_plot=plot_in_repository,
+        eval_results=eval_results,
     )
     with tempfile.TemporaryDirectory(prefix="glam-publish-") as preset_dir:
         causal_lm.save_to_preset(preset_dir)

@@ -1,8 +1,12 @@
 """Retry a Hub request with exponential backoff on transient failures only."""
 
+import datetime
+import email.utils
 import logging
 import time
 
+# The HTTP client of huggingface_hub (its dependency); keras_glam declares it as well, since it
+# names its exception classes.
 import httpx2
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.errors import OfflineModeIsEnabled
@@ -19,13 +23,21 @@ _TRANSIENT_TRANSPORT_ERRORS = (
 
 
 class HubUnavailableError(ConnectionError):
-    """The Hub kept failing with server or connection errors until the retry budget ran out."""
+    """The Hub kept failing with server or connection errors until the retry budget ran out, or
+    rate-limits a request that a retry would only delay further."""
+
+
+# Statuses worth another try besides 5xx: the server timed out waiting for the request (408),
+# too many requests (429).
+_TRANSIENT_STATUSES = (408, 429)
+_TOO_MANY_REQUESTS = 429
 
 
 def is_transient(error):
-    """Whether retrying could help: a connection or protocol failure, HTTP 429 or any 5xx.
+    """Whether retrying could help: a connection or protocol failure, HTTP 408, 429 or any 5xx.
 
-    Client errors (401, 403, 404, 400, ...) are permanent: retrying an auth error only repeats it.
+    Other client errors (401, 403, 404, 400, ...) are permanent: retrying an auth error only
+    repeats it.
 
     Args:
         error: the exception a `huggingface_hub` call raised.
@@ -39,10 +51,48 @@ def is_transient(error):
         return False
     if isinstance(error, _TRANSIENT_TRANSPORT_ERRORS):
         return True
+    status = _status(error)
+    return status is not None and (status in _TRANSIENT_STATUSES or status >= 500)
+
+
+def is_rate_limited(error):
+    """Whether `error` is the Hub's HTTP 429 (too many requests)."""
+    return _status(error) == _TOO_MANY_REQUESTS
+
+
+def retry_after(error):
+    """Seconds the server asked to wait before the next request (its `Retry-After` header,
+    delay-seconds or an HTTP date), or None when it did not say.
+
+    Args:
+        error: the exception a `huggingface_hub` call raised.
+
+    Example:
+    ```python
+    retry_after(error)  # 30.0 after "HTTP 429" with "Retry-After: 30"
+    ```
+    """
+    response = getattr(error, "response", None)
+    value = response.headers.get("Retry-After") if response is not None else None
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:  # An HTTP date is GMT by definition.
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return max((moment - now).total_seconds(), 0.0)
+
+
+def _status(error):
     if isinstance(error, HfHubHTTPError) and error.response is not None:
-        status = error.response.status_code
-        return status == 429 or status >= 500
-    return False
+        return error.response.status_code
+    return None
 
 
 def redact(text, secrets):
@@ -68,11 +118,14 @@ def call_with_retries(
     max_delay=30.0,
     secrets=(),
     sleep=time.sleep,
+    retry_rate_limited=True,
 ):
     """Call `operation()` and retry it with exponential backoff while it fails transiently.
 
-    Waits `initial_delay`, then twice as long after each failure, capped at `max_delay`. Errors
-    that `is_transient` rejects (auth, not found, bad request) propagate at once, unchanged.
+    Waits `initial_delay`, then twice as long after each failure, capped at `max_delay`; when
+    the answer carries `Retry-After` (HTTP 429, 503, ...), waits at least that long, even beyond
+    `max_delay`: an earlier request would only be refused again. Errors that `is_transient`
+    rejects (auth, not found, bad request) propagate at once, unchanged.
 
     Args:
         operation: a function of no argument performing one Hub request (or a few).
@@ -83,6 +136,8 @@ def call_with_retries(
         max_delay: cap on any single wait, in seconds.
         secrets: strings (tokens) removed from every message this function writes.
         sleep: the waiting function (tests pass a recorder).
+        retry_rate_limited: False lets HTTP 429 propagate at once, for endpoints whose rate
+            limit a retry only prolongs (`whoami`).
 
     Returns:
         What `operation()` returns.
@@ -94,8 +149,10 @@ def call_with_retries(
     Example:
     ```python
     api = huggingface_hub.HfApi()
-    user = call_with_retries(
-        lambda: api.whoami()["name"], description="whoami", endpoint=api.endpoint
+    files = call_with_retries(
+        lambda: api.list_repo_files("glam-org/glam-tiny"),
+        description="list_repo_files glam-org/glam-tiny",
+        endpoint=api.endpoint,
     )
     ```
     """
@@ -110,7 +167,7 @@ def call_with_retries(
         try:
             return operation()
         except Exception as error:
-            if not is_transient(error):
+            if not is_transient(error) or (not retry_rate_limited and is_rate_limited(error)):
                 raise
             summary = _summarize(error, secrets)
             if attempt > max_retries:
@@ -121,14 +178,18 @@ def call_with_retries(
                     "(HF_ENDPOINT), or retry later with a larger max_retries."
                 ) from error
             wait = min(delay, max_delay)
+            asked = retry_after(error)
+            if asked is not None:
+                wait = max(wait, asked)
             logger.warning(
-                "%s on %s failed (attempt %d of %d): %s. Retrying in %.2g s.",
+                "%s on %s failed (attempt %d of %d): %s. Retrying in %g s%s.",
                 description,
                 endpoint,
                 attempt,
                 max_retries + 1,
                 summary,
                 wait,
+                " (the Hub's Retry-After)" if asked is not None and asked >= wait else "",
             )
             sleep(wait)
             delay *= 2

@@ -6,7 +6,9 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
+from keras_glam.layers.expert_einsum_dense import ExpertEinsumDense
 from keras_glam.layers.expert_loop import expert_loop_ffn
+from keras_glam.layers.independent_initializer import independent_initializer
 from keras_glam.layers.routing import TopKRouter
 from keras_glam.layers.routing import expert_capacity
 
@@ -39,8 +41,8 @@ class MoEFeedForward(keras.layers.Layer):
     - `"sort_loop"`: the gathers of `"sort"` into `[E, G * C, M]` buffers holding each expert's
       tokens first, then a loop over experts that multiplies only the filled rows (rounded up to
       16; `expert_loop.expert_loop_ffn`), forward and backward: no FLOPs on empty slots. Fastest on
-      CPU; JAX only, one device (it does not partition), float experts (int8 experts use the
-      batched matmuls of `"sort"`).
+      CPU; JAX only, one device (it does not partition), float experts (quantized experts use
+      the batched matmuls of `"sort"`).
     - `"auto"`: `"einsum"` on TPU or under a `keras.distribution`, `"sort_loop"` on CPU (JAX),
       `"sort"` otherwise.
 
@@ -50,8 +52,9 @@ class MoEFeedForward(keras.layers.Layer):
     `T * k + E * (b - 1)` rows), and a scan over the blocks multiplies each block by its expert's
     weights. `b` is 1 when `T * k` is small (decoding: one expert matrix read per choice) and grows
     up to 128 while the padding stays within half the rows. Routing without capacity uses a
-    single group (groups only matter for capacity). This path honours LoRA and int8 quantization of
-    the expert layers; other quantization modes need `eval_capacity_factor`.
+    single group (groups only matter for capacity). This path computes each expert as its layer
+    does, with LoRA and in every quantization mode the experts accept
+    (`ExpertEinsumDense.expert_matmul`); int4 and float8 kernels are dequantized once per call.
 
     The auxiliary load-balance loss `aux_loss_weight * aux` is added with `add_loss` on every call
     (see `routing.top_k_gating`). Training calls also store routing statistics in two
@@ -61,9 +64,11 @@ class MoEFeedForward(keras.layers.Layer):
     `RouterOutput` with `return_routing=True`.
 
     Weights: `router/kernel` `[M, E]` (float32 always; `quantize()` and `enable_lora()` leave it
-    alone), `expert_wi/kernel` `[E, M, H]` and `expert_wo/kernel` `[E, H, M]` (two `EinsumDense`
-    layers, so `quantize("int8")` and `enable_lora(rank)` apply to the experts). Experts compute in
-    the layer's compute dtype; routing runs in float32.
+    alone), `expert_wi/kernel` `[E, M, H]` and `expert_wo/kernel` `[E, H, M]` (two
+    `ExpertEinsumDense` layers, so `enable_lora(rank)` and `quantize()` apply to the experts, in
+    every dispatch mode and without capacity: modes `"int8"`, `"int4"` and `"float8"`; `"gptq"`
+    and `"awq"` are refused when `quantize()` reaches an expert layer). Experts compute in the
+    layer's compute dtype; routing runs in float32.
 
     Args:
         num_experts: int, `E`.
@@ -79,9 +84,11 @@ class MoEFeedForward(keras.layers.Layer):
         dispatch: `"auto"`, `"einsum"`, `"sort"` or `"sort_loop"`, see above.
         activation: expert activation (GLaM: `"relu"`).
         aux_loss_weight: float, weight of the load-balance loss (GLaM: 0.01 per MoE layer).
-        kernel_initializer: initializer of both expert kernels. Default `"lecun_uniform"`: uniform
+        kernel_initializer: initializer of the expert kernels. Default `"lecun_uniform"`: uniform
             with standard deviation `fan_in^-1/2` (`M^-1/2` for `Wi`, `H^-1/2` for `Wo`), as
-            lingvo's `gshard_builder` and praxis' `TransformerFeedForwardMoe`.
+            lingvo's `gshard_builder` and praxis' `TransformerFeedForwardMoe`. `Wi` and `Wo` are
+            drawn independently, each from its own copy (`independent_initializer`: a fixed
+            integer seed `s` seeds `Wi` with `s` and `Wo` with `s + 1`).
         router_initializer: initializer of the router kernel, default as above (`M^-1/2`).
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
@@ -151,18 +158,18 @@ class MoEFeedForward(keras.layers.Layer):
     def build(self, input_shape):
         model_dim = input_shape[-1]
         self.router.build((None, None, model_dim))
-        self.expert_wi = keras.layers.EinsumDense(
+        self.expert_wi = ExpertEinsumDense(
             "egcm,emh->egch",
             output_shape=(None, None, self.intermediate_dim),
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=independent_initializer(self.kernel_initializer, seed_offset=0),
             dtype=self.dtype_policy,
             name="expert_wi",
         )
         self.expert_wi.build((self.num_experts, None, None, model_dim))
-        self.expert_wo = keras.layers.EinsumDense(
+        self.expert_wo = ExpertEinsumDense(
             "egch,ehm->egcm",
             output_shape=(None, None, model_dim),
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=independent_initializer(self.kernel_initializer, seed_offset=1),
             dtype=self.dtype_policy,
             name="expert_wo",
         )
@@ -326,13 +333,13 @@ class MoEFeedForward(keras.layers.Layer):
             routing.instructions, routing.metrics.dispatched_per_expert, block_size
         )
         rows = ops.reshape(_gather_into_slots(tokens, slots), (-1, block_size, model_dim))
-        wi = _ExpertProjection(self.expert_wi, self.compute_dtype)
-        wo = _ExpertProjection(self.expert_wo, self.compute_dtype)
+        wi_matmul = self.expert_wi.expert_matmul()
+        wo_matmul = self.expert_wo.expert_matmul()
 
         def expert_block(carry, block):
             block_rows, expert = block
-            hidden = self.activation(wi.project(block_rows, expert))
-            return carry, wo.project(hidden, expert)
+            hidden = self.activation(wi_matmul(block_rows, expert))
+            return carry, wo_matmul(hidden, expert)
 
         _, row_outputs = ops.scan(expert_block, 0, (rows, block_expert))
         outputs = _combine_from_slots(
@@ -584,56 +591,3 @@ def _batch_devices_of_distribution():
         batch_axes = (batch_axes,)
     mesh = distribution.device_mesh
     return math.prod(mesh.shape[mesh.axis_names.index(axis)] for axis in batch_axes)
-
-
-class _ExpertProjection:
-    """One expert's matmul `rows @ W[expert]` exactly as an expert `EinsumDense` computes it.
-
-    Reads the layer's effective weights once: the float kernel (with LoRA merged, as
-    `EinsumDense.kernel` does), or for int8 the int8 kernel, its per-output-channel scale, the
-    per-row activation quantizer and the LoRA factors, so the dropless path matches the capacity
-    path under `enable_lora` and `quantize("int8")`.
-    """
-
-    def __init__(self, layer, compute_dtype):
-        mode = layer.quantization_mode
-        if mode not in (None, "int8"):
-            raise NotImplementedError(
-                f"Routing without capacity supports float and int8 expert layers, but "
-                f"'{layer.path}' is quantized with mode={mode!r}. Set `eval_capacity_factor` on "
-                "the MoE layer to evaluate with capacity, which supports every mode."
-            )
-        self.compute_dtype = compute_dtype
-        self.is_int8 = mode == "int8"
-        if not self.is_int8:
-            self.kernel = ops.cast(layer.kernel, compute_dtype)
-            return
-        self.kernel = ops.convert_to_tensor(layer._kernel)
-        num_experts, _, out_dim = self.kernel.shape
-        self.kernel_scale = ops.reshape(layer.kernel_scale, (num_experts, out_dim))
-        self.inputs_quantizer = layer.inputs_quantizer
-        self.lora = None
-        if layer.lora_enabled:
-            self.lora = (
-                layer.lora_kernel_a,
-                layer.lora_kernel_b,
-                layer.lora_alpha / layer.lora_rank,
-            )
-
-    def project(self, rows, expert):
-        """`rows` `[b, K]` of one `expert` (int32 scalar) -> `[b, F]`."""
-        kernel = ops.take(self.kernel, expert, axis=0)
-        if not self.is_int8:
-            return ops.matmul(rows, kernel)
-        scale = ops.take(self.kernel_scale, expert, axis=0)
-        if self.inputs_quantizer:
-            quantized_rows, rows_scale = self.inputs_quantizer(rows, axis=-1)
-            outputs = ops.cast(ops.einsum("bk,kf->bf", quantized_rows, kernel), self.compute_dtype)
-            outputs = outputs / (rows_scale * scale)
-        else:
-            outputs = ops.cast(ops.einsum("bk,kf->bf", rows, kernel), self.compute_dtype) / scale
-        if self.lora is not None:
-            lora_a, lora_b, lora_scale = self.lora
-            low_rank = ops.matmul(ops.matmul(rows, ops.take(lora_a, expert, axis=0)), lora_b)
-            outputs = ops.cast(outputs + lora_scale * low_rank, self.compute_dtype)
-        return outputs

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_glam.layers.independent_initializer import independent_initializer
+
 
 def _check_bucket_arguments(num_buckets, max_distance):
     if num_buckets < 2:
@@ -120,7 +122,7 @@ class RelativeBias(keras.layers.Layer):
                 stddev=(self.num_heads * self.num_buckets) ** -0.5
             )
         else:
-            initializer = keras.initializers.get(self.initializer)
+            initializer = independent_initializer(self.initializer)
         # The bias is added to float32 logits, so the table is never autocast to bf16.
         self.table = self.add_weight(
             name="table",
@@ -141,6 +143,15 @@ class RelativeBias(keras.layers.Layer):
             max_distance=self.max_distance,
         )
         return ops.take(ops.cast(self.table, "float32"), buckets, axis=1)
+
+    def compute_output_spec(self, query_length, key_length, query_offset=0):
+        # Lengths are Python ints in every use; a traced one gives an unknown size.
+        def static(length):
+            return length if isinstance(length, int) else None
+
+        return keras.KerasTensor(
+            (self.num_heads, static(query_length), static(key_length)), dtype="float32"
+        )
 
     def get_config(self):
         config = super().get_config()

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
+from keras_glam.layers.independent_initializer import independent_initializer
+
 _GATE_EPSILON = 1e-9
 
 
@@ -281,7 +283,7 @@ class TopKRouter(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="kernel",
             shape=(input_shape[-1], self.num_experts),
-            initializer=self.kernel_initializer,
+            initializer=independent_initializer(self.kernel_initializer),
             dtype="float32",
         )
 
@@ -293,6 +295,12 @@ class TopKRouter(keras.layers.Layer):
             capacity=capacity,
             padding_mask=padding_mask,
         )
+
+    def compute_output_spec(self, inputs, padding_mask=None, capacity=None):
+        # The spec is traced through `call`, which reads the kernel: build it if needed.
+        if not self.built:
+            self.build(inputs.shape)
+        return super().compute_output_spec(inputs, padding_mask=padding_mask, capacity=capacity)
 
     def quantize(self, mode=None, type_check=True, config=None):
         """Does nothing: the router stays float32 (see the class docstring)."""

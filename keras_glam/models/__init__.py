@@ -3,3 +3,4 @@ from keras_glam.models.glam_causal_lm import GLaMCausalLM
 from keras_glam.models.glam_causal_lm_preprocessor import GLaMCausalLMPreprocessor
 from keras_glam.models.glam_tokenizer import GLaMTokenizer
 from keras_glam.models.parameter_count import count_params
+from keras_glam.models.flops import flops_per_token

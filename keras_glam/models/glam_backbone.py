@@ -6,24 +6,13 @@ from keras import ops
 
 from keras_glam.layers.glam_decoder_block import GLaMDecoderBlock
 from keras_glam.layers.rms_norm import RMSNorm
-from keras_glam.models import preset_loading
+from keras_glam.models.architecture import is_moe_layer
+from keras_glam.models.architecture import padded_vocabulary_size
 from keras_glam.models.input_checks import check_token_ids
+from keras_glam.models.layout_rules import glam_layout_map
+from keras_glam.models.losses import AUX_LOSS_WEIGHT
 from keras_glam.models.memory_check import check_fits_in_memory
-from keras_glam.models.parameter_count import is_moe_layer
-
-
-def padded_vocabulary_size(vocabulary_size, multiple=1):
-    """Embedding rows for `vocabulary_size` tokens, rounded up to a multiple of `multiple`.
-
-    A mesh axis that splits the vocabulary must divide the number of rows; the extra rows are
-    never looked up, and `GLaMCausalLM` masks their logits.
-
-    Example:
-
-    >>> padded_vocabulary_size(32000, 128), padded_vocabulary_size(97, 8)
-    (32000, 104)
-    """
-    return -(-vocabulary_size // multiple) * multiple
+from keras_glam.models.presets import GLaMPresets
 
 
 def attention_mask_from_segments(padding_mask):
@@ -43,7 +32,7 @@ def attention_mask_from_segments(padding_mask):
 
 
 @keras.saving.register_keras_serializable(package="keras_glam")
-class GLaMBackbone(keras_hub.models.Backbone):
+class GLaMBackbone(GLaMPresets, keras_hub.models.Backbone):
     """GLaM: a decoder-only Transformer whose every other FFN is a top-2 mixture of experts.
 
     Pre-norm layers (`h += Attn(RMSNorm(h))`, `h += FFN(RMSNorm(h))`), a final RMSNorm, T5-style
@@ -107,7 +96,7 @@ class GLaMBackbone(keras_hub.models.Backbone):
         num_routing_groups=None,
         dispatch="auto",
         expert_activation="relu",
-        aux_loss_weight=0.01,
+        aux_loss_weight=AUX_LOSS_WEIGHT,
         use_zero_logit=True,
         num_buckets=32,
         max_distance=128,
@@ -221,7 +210,7 @@ class GLaMBackbone(keras_hub.models.Backbone):
         Expert kernels `[E, M, H]` / `[E, H, M]` are split over `expert_axis` on `E` (and over
         `model_axis` on `H`); attention heads, the dense FFN's `H` and the vocabulary over
         `model_axis`; the router and the norms are replicated (the allow-list
-        `keras_glam.distribution.REPLICATED_WEIGHTS`). The MoE dispatched activations
+        `keras_glam.models.layout_rules.REPLICATED_WEIGHTS`). The MoE dispatched activations
         `[E, G, C, M]` get a layout under `{moe_layer.path}/expert_inputs`, which makes XLA move
         tokens to their experts by all-to-all. Axes missing from the mesh count as size 1. A
         vocabulary split over `model_axis` must divide it: build the backbone with
@@ -247,9 +236,6 @@ class GLaMBackbone(keras_hub.models.Backbone):
             backbone = keras_glam.GLaMBackbone.from_preset("glam_tiny_8e", dispatch="einsum")
         ```
         """
-        # Imported here because keras_glam.distribution imports this module.
-        from keras_glam.distribution.layout_map import glam_layout_map
-
         return glam_layout_map(device_mesh, data_axis, expert_axis, model_axis, fsdp)
 
     def call(self, inputs, training=None, mask=None):
@@ -260,20 +246,3 @@ class GLaMBackbone(keras_hub.models.Backbone):
         config = super().get_config()
         config.update(self._glam_config)
         return config
-
-    @preset_loading.classproperty
-    def presets(cls):
-        return preset_loading.preset_metadata()
-
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, revision=None, **kwargs):
-        """Build a `GLaMBackbone` from a builtin preset name, a preset directory or `hf://` handle.
-
-        Builtin presets (`keras_glam.GLaMBackbone.presets`) are architectures: they are built
-        with random initialisation. Other handles go through `keras_hub`'s preset loader.
-        """
-        builtin = preset_loading.builtin_backbone_config(preset)
-        if builtin is not None:
-            return cls(**{**builtin, **kwargs})
-        preset = preset_loading.resolve_handle(preset, revision)
-        return super().from_preset(preset, load_weights=load_weights, **kwargs)

@@ -6,15 +6,15 @@ import keras
 import keras_hub
 from keras import ops
 
-from keras_glam.models import preset_loading
 from keras_glam.models.glam_backbone import GLaMBackbone
 from keras_glam.models.glam_causal_lm_preprocessor import GLaMCausalLMPreprocessor
 from keras_glam.models.input_checks import check_token_ids
-from keras_glam.training.losses import Z_LOSS_WEIGHT
-from keras_glam.training.losses import language_model_losses
-from keras_glam.training.losses import routing_statistics
-from keras_glam.training.recipe import glam_optimizer
-from keras_glam.training.skip_nonfinite import SkipNonFiniteSteps
+from keras_glam.models.losses import Z_LOSS_WEIGHT
+from keras_glam.models.losses import language_model_losses
+from keras_glam.models.losses import routing_statistics
+from keras_glam.models.presets import GLaMPresets
+from keras_glam.optimizers.recipe import glam_optimizer
+from keras_glam.optimizers.skip_nonfinite import SkipNonFiniteSteps
 
 # Logit of the embedding rows added by `pad_vocabulary_to_multiple_of`. Finite, unlike -inf, so
 # that one-hot cross-entropies (`0 * log_softmax`) stay free of NaN; its exp() is exactly 0.
@@ -24,7 +24,7 @@ _BACKBONE_ARGUMENTS = set(inspect.signature(GLaMBackbone.__init__).parameters) -
 
 
 @keras.saving.register_keras_serializable(package="keras_glam")
-class GLaMCausalLM(keras_hub.models.CausalLM):
+class GLaMCausalLM(GLaMPresets, keras_hub.models.CausalLM):
     """An end-to-end GLaM model for causal language modelling.
 
     The output layer is the tied embedding: `logits = (h * M^-1/2) @ E^T`, computed in float32
@@ -180,11 +180,12 @@ class GLaMCausalLM(keras_hub.models.CausalLM):
     ):
         """Configure training with GLaM's recipe, every part overridable, and generation.
 
-        With no arguments this is GLaM's recipe (`keras_glam.training.recipe`): `GLaMAdafactor`
-        on `rsqrt(max(step, 10000))`, loss = mean token cross-entropy (float32, over tokens with
-        `sample_weight > 0`) + `1e-4 * mean(logsumexp(logits)^2)` + the MoE layers' load-balance
-        losses (`0.01 * aux` per MoE layer, set by the backbone's `aux_loss_weight`), and every
-        step whose gradients are NaN/Inf skipped with weights and optimizer state unchanged.
+        With no arguments this is GLaM's recipe (`keras_glam.optimizers.recipe`,
+        `keras_glam.models.losses`): `GLaMAdafactor` on `rsqrt(max(step, 10000))`, loss = mean
+        token cross-entropy (float32, over tokens with `sample_weight > 0`) +
+        `1e-4 * mean(logsumexp(logits)^2)` + the MoE layers' load-balance losses (`0.01 * aux` per
+        MoE layer, set by the backbone's `aux_loss_weight`), and every step whose gradients are
+        NaN/Inf skipped with weights and optimizer state unchanged.
 
         Besides `loss` (the total) the logs carry its three terms, which add up to it:
         `cross_entropy`, `z_loss` (already multiplied by `z_loss_weight`) and `aux_loss`. Their
@@ -194,12 +195,12 @@ class GLaMCausalLM(keras_hub.models.CausalLM):
         (`loss` then shows NaN until the epoch ends). Training logs of an MoE model
         also carry `dropped_top1`, `dropped_top2` (fraction of tokens whose first/second choice
         exceeded capacity) and `expert_load_cv` (coefficient of variation of the tokens routed
-        per expert), averaged over MoE layers (`keras_glam.training.losses.routing_statistics`);
+        per expert), averaged over MoE layers (`keras_glam.models.losses.routing_statistics`);
         evaluation logs none (MoE layers record routing statistics on training calls only).
 
         Args:
             optimizer: `"auto"` (GLaM's `GLaMAdafactor` and schedule, see
-                `keras_glam.training.recipe.glam_optimizer`), an optimizer name or instance.
+                `keras_glam.optimizers.recipe.glam_optimizer`), an optimizer name or instance.
             loss: `"auto"` (GLaM's token cross-entropy), or a Keras loss that replaces the
                 cross-entropy term; the z-loss and the aux losses are added to it either way.
             weighted_metrics: `"auto"` (token accuracy, weighted by `sample_weight`) or a list.
@@ -291,33 +292,30 @@ class GLaMCausalLM(keras_hub.models.CausalLM):
                 results.pop(name, None)
         return results
 
-    @preset_loading.classproperty
-    def presets(cls):
-        return preset_loading.preset_metadata()
-
     @classmethod
     def from_preset(cls, preset, load_weights=True, revision=None, **kwargs):
         """Build a GLaM causal LM from a builtin preset name, a directory or an `hf://` handle.
 
         Builtin presets are architectures with random initialisation (no GLaM weights exist);
-        small ones come with the shipped tokenizer, paper-size ones with `preprocessor=None`
-        unless one is passed. Backbone arguments (`dtype`, `capacity_factor`, ...) and
-        preprocessor arguments (`sequence_length`) may be given as keyword arguments.
+        small ones come with their tokenizer, paper-size ones with `preprocessor=None` unless
+        one is passed. Backbone arguments (`dtype`, `capacity_factor`, ...) and preprocessor
+        arguments (`sequence_length`) may be given as keyword arguments.
         """
-        if preset_loading.builtin_backbone_config(preset) is None:
-            preset = preset_loading.resolve_handle(preset, revision)
-            return super().from_preset(preset, load_weights=load_weights, **kwargs)
         backbone_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _BACKBONE_ARGUMENTS}
         preprocessor_kwargs = {
             k: kwargs.pop(k) for k in ("sequence_length", "add_start_token", "add_end_token")
             if k in kwargs
         }
-        backbone = GLaMBackbone.from_preset(preset, **backbone_kwargs)
-        if "preprocessor" not in kwargs and preset_loading.builtin_vocabulary_path(preset):
-            kwargs["preprocessor"] = GLaMCausalLMPreprocessor.from_preset(
-                preset, **preprocessor_kwargs
+        if backbone_kwargs:
+            kwargs["backbone"] = GLaMBackbone.from_preset(
+                preset, load_weights, revision=revision, **backbone_kwargs
             )
-        return cls(backbone=backbone, **kwargs)
+            load_weights = False  # The backbone holds every weight of a GLaMCausalLM.
+        if preprocessor_kwargs and "preprocessor" not in kwargs:
+            kwargs["preprocessor"] = GLaMCausalLMPreprocessor.from_preset(
+                preset, revision=revision, **preprocessor_kwargs
+            )
+        return super().from_preset(preset, load_weights, revision=revision, **kwargs)
 
 
 def _check_vocabularies_match(backbone, preprocessor):

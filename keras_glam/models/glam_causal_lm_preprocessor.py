@@ -3,20 +3,26 @@
 import keras
 import keras_hub
 
-from keras_glam.models import preset_loading
 from keras_glam.models.glam_backbone import GLaMBackbone
 from keras_glam.models.glam_tokenizer import GLaMTokenizer
+from keras_glam.models.presets import GLaMPresets
 
 
 @keras.saving.register_keras_serializable(package="keras_glam")
-class GLaMCausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
+class GLaMCausalLMPreprocessor(GLaMPresets, keras_hub.models.CausalLMPreprocessor):
     """Turns strings into `(x, y, sample_weight)` for `GLaMCausalLM`, and prompts for `generate`.
+
+    With the defaults a text is framed as every path frames a document
+    (`keras_glam.models.glam_tokenizer.frame_document`): `<s> text </s>` for training, and a
+    `generate` prompt `<s> text`, so the model continues a document as packed training rows
+    (`keras_glam.data.pack_documents`) showed it documents.
 
     Args:
         tokenizer: a `GLaMTokenizer`.
-        sequence_length: length of the packed token sequences.
-        add_start_token: prepend `<s>`.
-        add_end_token: append `</s>`.
+        sequence_length: int, length of the padded token sequences. Defaults to 1024.
+        add_start_token: bool, prepend `<s>` (GLaM's convention). Defaults to `True`.
+        add_end_token: bool, append `</s>` to training texts (never to `generate` prompts).
+            Defaults to `True`.
 
     Example:
     ```python
@@ -28,15 +34,3 @@ class GLaMCausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
 
     backbone_cls = GLaMBackbone
     tokenizer_cls = GLaMTokenizer
-
-    @preset_loading.classproperty
-    def presets(cls):
-        return preset_loading.preset_metadata()
-
-    @classmethod
-    def from_preset(cls, preset, revision=None, **kwargs):
-        """The preprocessor of a builtin preset, a preset directory or an `hf://` handle."""
-        if preset_loading.builtin_backbone_config(preset) is not None:
-            return cls(tokenizer=GLaMTokenizer.from_preset(preset), **kwargs)
-        preset = preset_loading.resolve_handle(preset, revision)
-        return super().from_preset(preset, **kwargs)

@@ -8,7 +8,7 @@ import os
 
 import keras
 
-from keras_glam.models.parameter_count import count_params
+from keras_glam.models.architecture import weight_shapes
 
 
 def available_memory_bytes():
@@ -35,10 +35,21 @@ def available_memory_bytes():
 
 
 def check_fits_in_memory(config, variable_dtype="float32"):
-    """Raise `MemoryError` when the model's weights alone exceed the available memory."""
-    total, _ = count_params(config)
+    """Raise `MemoryError` when the model's weights alone exceed the available memory.
+
+    The weights are those of `keras_glam.models.architecture.weight_shapes` (padded embedding
+    rows, float32 router and routing statistics included), in `variable_dtype` unless pinned.
+
+    Returns:
+        `(estimated, available)` bytes.
+    """
+    weights = weight_shapes(config)
+    total = sum(weight.size for weight in weights if weight.trainable)
+    weight_bytes = sum(
+        weight.size * bytes_per_element(weight.dtype or variable_dtype) for weight in weights
+    )
     # On several hosts each one holds its share of the (sharded) weights.
-    estimated = total * _bytes_per_element(variable_dtype) // _process_count()
+    estimated = weight_bytes // _process_count()
     available = available_memory_bytes()
     if estimated > available:
         raise MemoryError(
@@ -58,7 +69,10 @@ def _process_count():
     return 1
 
 
-def _bytes_per_element(dtype):
-    return {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}.get(
-        keras.backend.standardize_dtype(dtype), 4
-    )
+def bytes_per_element(dtype):
+    """Bytes of one element of a float `dtype` (`"float32"`, `"bfloat16"`, ...)."""
+    sizes = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+    dtype = keras.backend.standardize_dtype(dtype)
+    if dtype not in sizes:
+        raise ValueError(f"Expected a float dtype ({', '.join(sizes)}), got '{dtype}'.")
+    return sizes[dtype]

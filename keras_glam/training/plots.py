@@ -20,24 +20,20 @@ def plot_training(state, path, unigram_entropy=None, title="GLaM training"):
         unigram_entropy: optional float, nats/token of the unigram baseline on held-out data.
         title: the figure title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
+    # A Figure of its own, not pyplot: the process's backend (a notebook's inline one) is kept.
+    from matplotlib.figure import Figure
 
     if not isinstance(state, dict):
         state = state.to_dict()
     expert_load = state["expert_load"]
     columns = 2 if expert_load else 1
-    figure, axes = pyplot.subplots(
-        1, columns, figsize=(6.5 * columns, 4.5), squeeze=False, constrained_layout=True
-    )
+    figure = Figure(figsize=(6.5 * columns, 4.5), constrained_layout=True)
+    axes = figure.subplots(1, columns, squeeze=False)
     _plot_losses(axes[0][0], state, unigram_entropy)
     if expert_load:
         _plot_expert_load(figure, axes[0][1], expert_load[-1])
     figure.suptitle(title)
     figure.savefig(path, dpi=110)
-    pyplot.close(figure)
 
 
 def _plot_losses(axis, state, unigram_entropy):

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import typing
 
 import keras
 import numpy as np
@@ -79,8 +80,31 @@ class TrainingState:
 
     @classmethod
     def from_dict(cls, values):
-        known = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        """The state a checkpoint recorded; unknown keys are ignored, missing ones default.
+
+        Raises:
+            ValueError: `values` is not a dict or a field has the wrong type, named.
+        """
+        if not isinstance(values, dict):
+            raise ValueError(f"a training state is a dict, got {type(values).__name__}")
+        fields = dataclasses.fields(cls)
+        for field in fields:
+            if field.name in values and not _has_type(values[field.name], field.type):
+                raise ValueError(
+                    f"'{field.name}' is {values[field.name]!r}, not of type {field.type}"
+                )
+        return cls(**{field.name: values[field.name] for field in fields if field.name in values})
+
+
+def _has_type(value, annotation):
+    """Whether a JSON value fits a field annotation (`int`, `float | None`, `list`, ...); an int
+    fits `float`, a bool fits nothing but `bool`."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    if isinstance(value, bool):
+        return bool in kinds
+    if float in kinds and isinstance(value, int):
+        return True
+    return isinstance(value, kinds)
 
 
 def data_seed(seed, data_stream):
@@ -173,7 +197,9 @@ class Trainer:
         self.max_rollbacks = max_rollbacks
         self.callbacks = list(callbacks)
         self.verbose = verbose
-        self.manager = CheckpointManager(checkpoint_dir, max_to_keep=max_checkpoints)
+        self.manager = CheckpointManager(
+            checkpoint_dir, max_to_keep=max_checkpoints, validate_state=TrainingState.from_dict
+        )
         self.tokens_per_step = None
 
     def fit(self):

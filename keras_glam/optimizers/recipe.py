@@ -1,4 +1,4 @@
-"""GLaM's training recipe: the optimizer and learning rate `GLaMCausalLM.compile()` defaults to.
+"""GLaM's optimizer recipe: the optimizer and learning rate `GLaMCausalLM.compile()` defaults to.
 
 The recipe, from Lingvo's GLaM configs (`lingvo/tasks/lm/params/synthetic_packed_input.py`,
 `lingvo/core/optimizer.py`) and praxis (`praxis/layers/glam.py`):
@@ -6,29 +6,25 @@ The recipe, from Lingvo's GLaM configs (`lingvo/tasks/lm/params/synthetic_packed
 - Adafactor without momentum, update clipping 1.0, parameter-scaled steps (`GLaMAdafactor`);
 - learning rate `rsqrt(max(step, 10000))`: 0.01 for 10K steps, then `1 / sqrt(step)`
   (`GLaMLearningRateSchedule`);
-- loss = token cross-entropy + `1e-4` output z-loss + `0.01` load-balance loss per MoE layer
-  (the aux weight is a backbone argument, `aux_loss_weight`, because each MoE layer adds it);
 - every step with non-finite gradients skipped (`SkipNonFiniteSteps`);
-- float32 weights with bfloat16 activations (`keras.config.set_dtype_policy("mixed_bfloat16")`
-  before building the model); attention, routing, logits and losses stay float32;
-- no dropout, no weight decay, no gradient clipping.
+- no weight decay, no gradient clipping.
+
+The rest of GLaM's recipe belongs to the model and lives in `keras_glam.models`: the loss
+(token cross-entropy + `1e-4` output z-loss + `0.01` load-balance loss per MoE layer,
+`keras_glam.models.losses`), the precision (float32 weights with bfloat16 activations,
+`keras_glam.models.architecture.MIXED_PRECISION_POLICY`; attention, routing, logits and losses
+stay float32) and no dropout.
 """
 
 import math
 
-from keras_glam.training.adafactor import GLaMAdafactor
-from keras_glam.training.losses import Z_LOSS_WEIGHT
-from keras_glam.training.schedules import GLaMLearningRateSchedule
+from keras_glam.optimizers.adafactor import GLaMAdafactor
+from keras_glam.optimizers.schedules import GLaMLearningRateSchedule
 
 PAPER_WARMUP_STEPS = 10_000
-AUX_LOSS_WEIGHT = 0.01
-MIXED_PRECISION_POLICY = "mixed_bfloat16"
 
 __all__ = [
-    "AUX_LOSS_WEIGHT",
-    "MIXED_PRECISION_POLICY",
     "PAPER_WARMUP_STEPS",
-    "Z_LOSS_WEIGHT",
     "glam_learning_rate",
     "glam_optimizer",
 ]

@@ -7,15 +7,19 @@ loss = cross_entropy + z_loss_weight * mean(logsumexp(logits) ** 2) + sum of MoE
 ```
 
 with both means taken over the real target tokens (`sample_weight > 0`, weighted by
-`sample_weight`) and computed in float32. The MoE layers add their own `0.01 * aux` terms with
-`add_loss`, so `model.losses` already carries the third term.
+`sample_weight`) and computed in float32. The MoE layers add their own `aux_loss_weight * aux`
+terms with `add_loss`, so `model.losses` already carries the third term. The loss is the model's
+own (`GLaMCausalLM.compute_loss`), so it lives with the models.
 """
 
 from typing import NamedTuple
 
 from keras import ops
 
+# GLaM's weights of the two regularising terms: the output z-loss (`GLaMCausalLM.compile`) and
+# the load-balance loss each MoE layer adds (`GLaMBackbone(aux_loss_weight=...)`).
 Z_LOSS_WEIGHT = 1e-4
+AUX_LOSS_WEIGHT = 0.01
 
 
 class LanguageModelLosses(NamedTuple):

@@ -1,36 +1,87 @@
 """Adafactor exactly as GLaM was trained with it (Lingvo's `XLAShardingAdafactor`)."""
 
+import math
+import re
+
 import keras
 from keras import ops
 
-from keras_glam.training.schedules import GLaMLearningRateSchedule
+from keras_glam.optimizers.schedules import GLaMLearningRateSchedule
+
+
+# The 2-D matrices GLaM stores for its attention projections, in KerasHub's 3-D kernels (see
+# "GLaM's view of a variable" in `GLaMAdafactor`).
+GLAM_ATTENTION_AXIS_GROUPS = {
+    r"(.*/)?(query|key|value)/kernel": ((0,), (1, 2)),
+    r"(.*/)?attention_output/kernel": ((0, 1), (2,)),
+}
 
 
 def _rms(x):
     return ops.sqrt(ops.mean(ops.square(x)))
 
 
-def _layout_without_axis(variable, removed_axis):
-    """The sharding layout of a slot that averages `variable` over `removed_axis`.
+def _slot_layout(variable, removed_axes=()):
+    """The sharding layout of a slot that averages `variable` over `removed_axes`.
 
-    `removed_axis=None` is a full-size slot, laid out like the variable. A factored slot keeps
+    No removed axes is a full-size slot, laid out like the variable. A factored slot keeps
     the variable's sharding on every other axis (praxis drops the reduced dimension from the
     variable's sharding spec the same way). Without an explicit layout a `ModelParallel`
     distribution would look the slot's path up in its layout map, where a key meant for the
     variable (`.*expert_wi.*`) can match a slot of a different rank.
     """
     layout = getattr(variable, "_layout", None)
-    if removed_axis is None and layout is not None:
+    if not removed_axes and layout is not None:
         return layout
     if isinstance(layout, keras.distribution.TensorLayout):
-        axes = list(layout.axes)
-        del axes[removed_axis]
+        axes = [name for axis, name in enumerate(layout.axes) if axis not in removed_axes]
         return keras.distribution.TensorLayout(axes, layout.device_mesh)
     distribution = keras.distribution.distribution()
     if distribution is None:
         return None
-    rank = len(variable.shape) - (removed_axis is not None)
+    rank = len(variable.shape) - len(removed_axes)
     return keras.distribution.TensorLayout([None] * rank, distribution.device_mesh)
+
+
+def _checked_axis_groups(axis_groups):
+    """`axis_groups` with tuple values, or a ValueError naming the first bad entry."""
+    if not isinstance(axis_groups, dict):
+        raise ValueError(
+            "`axis_groups` must be a dict from a variable-path regex to a tuple of axis "
+            f"groups, e.g. {{r'.*/query/kernel': ((0,), (1, 2))}}. Received: {axis_groups!r}"
+        )
+    checked = {}
+    for pattern, groups in axis_groups.items():
+        try:
+            re.compile(pattern)
+            groups = tuple(tuple(int(axis) for axis in group) for group in groups)
+        except (re.error, TypeError, ValueError) as error:
+            raise ValueError(
+                f"`axis_groups[{pattern!r}]`: {error}. Keys are regular expressions over "
+                "variable paths, values tuples of tuples of axes."
+            ) from None
+        flat = [axis for group in groups for axis in group]
+        if not groups or not all(groups) or flat != list(range(len(flat))):
+            raise ValueError(
+                f"`axis_groups[{pattern!r}]` is {groups}: the groups must be non-empty and "
+                "list every axis once, in order (consecutive axes merge, like a reshape), "
+                "e.g. ((0,), (1, 2)) for a [M, N, Dh] kernel seen as [M, N*Dh]."
+            )
+        checked[pattern] = groups
+    return checked
+
+
+def _axes_name(axes):
+    if len(axes) == 1:
+        return f"axis_{axes[0]}"
+    return "axes_" + "_".join(str(axis) for axis in axes)
+
+
+def _with_axes_restored(reduced, shape, removed_axes):
+    """`reduced`, a mean of a `shape` tensor over `removed_axes`, with those axes back as 1s."""
+    return ops.reshape(
+        reduced, [1 if axis in removed_axes else size for axis, size in enumerate(shape)]
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_glam")
@@ -55,24 +106,38 @@ class GLaMAdafactor(keras.optimizers.Optimizer):
     W       = W - step
     ```
 
-    Factoring: a variable's second moment is factored over its two largest axes (ties go to
-    the lower axis), and only when both are at least `min_dim_size_to_factor`. It then keeps
-    `R`, the mean of `g2` over the largest axis, and `C`, the mean over the second largest, and
-    estimates `v = R * C / mean(R over the second largest axis)`. So a `[M, E]` router with
-    `E < 128` and the `[N, 32]` relative-bias tables keep a full second moment, a `[E, M, H]`
-    expert kernel is factored over `M` and `H`, and a `[4, 8]` or 1-D or 0-D variable is not
-    factored. `keras.optimizers.Adafactor` instead always factors the last two axes, caps the
-    learning rate at `1 / sqrt(t)`, computes in the variable's dtype, and also keeps a
-    full-size second moment for every variable (so it saves no memory).
+    GLaM's view of a variable: Lingvo and praxis store GLaM's attention projections as
+    matrices (`attention_combine_dims=True`): q, k and v `[M, N*Dh]`, the output `[N*Dh, M]`.
+    Ours keep KerasHub's layout, `[M, N, Dh]` and `[N, Dh, M]`, so `axis_groups` tells the
+    optimizer, by variable path, which consecutive axes act as one axis of the matrix GLaM
+    stores (`GLAM_ATTENTION_AXIS_GROUPS`: `((0,), (1, 2))` for the query, key and value
+    kernels, `((0, 1), (2,))` for `attention_output`). The statistics below are computed on
+    that view by averaging over groups of axes; the weight is never reshaped, so its layout
+    and sharding stay KerasHub's. Without it `glam_small_16e`'s `[256, 4, 64]` kernels would
+    keep a full second moment (4 and 64 are < 128) where GLaM factors `[256, 256]`, and the
+    paper's `[8192, 128, 128]` kernels would be factored over `M` and one head axis, per head.
+
+    Factoring: on that view, the second moment is factored over the two largest axes (ties go
+    to the lower axis), and only when both are at least `min_dim_size_to_factor` (Lingvo's
+    `_factored_dims`, praxis's `factored_second_moment_dims`). It then keeps `R`, the mean of
+    `g2` over the largest axis, and `C`, the mean over the second largest, and estimates
+    `v = R * C / mean(R over the second largest axis)`. So a `[M, E]` router with `E < 128`
+    and the `[N, 32]` relative-bias tables keep a full second moment; an `[E, M, H]` or
+    `[E, H, M]` expert kernel (3-D in Lingvo and praxis too) is factored over `M` and `H`,
+    separately for each expert (slots `[E, M]` and `[E, H]`, Lingvo's `vr` and `vc`); 1-D
+    and 0-D variables are not factored. The clipping's `RMS(u)` and the parameter scale's
+    `RMS(W)` are over the whole variable, which no grouping changes.
+    `keras.optimizers.Adafactor` instead always factors the last two axes, caps the learning
+    rate at `1 / sqrt(t)`, computes in the variable's dtype, and also keeps a full-size second
+    moment for every variable (so it saves no memory).
 
     Differences from Lingvo, both deliberate:
-    - When the factored axes are not the trailing ones (a `[8192, 128, 128]` attention kernel:
-      axes 0 and 1), Lingvo normalises `R` by its mean over its *last* axis, which is then an
-      axis that was not factored. Here `R` is normalised over the second largest axis, so
+    - When the factored axes are not the trailing ones (say a `[256, 128, 3]` variable: axes
+      0 and 1), Lingvo normalises `R` by its mean over its *last* axis, which is then an axis
+      that was not factored. Here `R` is normalised over the second largest axis, so
       `R * C / mean(R)` is the factored estimate of `v` for every shape. The two agree for
-      every 2-D variable and whenever the second largest axis is the last remaining axis of `R`
-      (all of GLaM's expert and FFN kernels). GLaM's own attention weights were 2-D
-      (`attention_combine_dims=True`), so Lingvo never hit the difference.
+      every matrix (the grouped attention kernels included) and whenever the second largest
+      axis is the last remaining axis of `R` (all of GLaM's expert and FFN kernels).
     - Slots and arithmetic are float32 whatever the variable dtype (as praxis does), so
       mixed-precision and bfloat16 variables are updated from float32 statistics.
 
@@ -98,6 +163,13 @@ class GLaMAdafactor(keras.optimizers.Optimizer):
         factored: bool. Whether to factor second moments at all. Defaults to `True`.
         min_dim_size_to_factor: int >= 1. Both factored axes must be at least this long.
             Defaults to 128.
+        axis_groups: dict from a regular expression over variable paths (`re.fullmatch`) to
+            the variable's axes split into consecutive groups, each group one axis of the view
+            the statistics see: `((0,), (1, 2))` views `[M, N, Dh]` as `[M, N*Dh]`. The first
+            pattern that matches a variable's path and covers as many axes as the variable
+            has applies; other variables are seen as they are. Defaults to `None`, meaning
+            `GLAM_ATTENTION_AXIS_GROUPS`; `{}` sees every variable as it is. A subclass may
+            override `variable_axis_groups` instead.
         name: string. Defaults to `"glam_adafactor"`.
         **kwargs: the arguments of every `keras.optimizers.Optimizer`: `weight_decay`
             (decoupled; `None`, i.e. none, as in GLaM), `clipnorm`, `clipvalue`,
@@ -114,6 +186,9 @@ class GLaMAdafactor(keras.optimizers.Optimizer):
     True
     >>> model.optimizer.factored_dims((64, 2048, 8192))  # an expert kernel: axes H and M
     (2, 1)
+    >>> # A [M, N, Dh] query kernel, factored as GLaM's [M, N*Dh] matrix:
+    >>> model.optimizer.factored_axes("decoder_block_0/attention/query/kernel", (256, 4, 64))
+    ((0,), (1, 2))
     """
 
     def __init__(
@@ -127,6 +202,7 @@ class GLaMAdafactor(keras.optimizers.Optimizer):
         epsilon_2=1e-3,
         factored=True,
         min_dim_size_to_factor=128,
+        axis_groups=None,
         name="glam_adafactor",
         **kwargs,
     ):
@@ -156,6 +232,9 @@ class GLaMAdafactor(keras.optimizers.Optimizer):
                 "`min_dim_size_to_factor` must be an integer >= 1. "
                 f"Received: min_dim_size_to_factor={min_dim_size_to_factor}"
             )
+        if axis_groups is None:
+            axis_groups = GLAM_ATTENTION_AXIS_GROUPS
+        axis_groups = _checked_axis_groups(axis_groups)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.beta_1 = beta_1
         self.decay_exponent = decay_exponent
@@ -165,12 +244,14 @@ class GLaMAdafactor(keras.optimizers.Optimizer):
         self.epsilon_2 = epsilon_2
         self.factored = factored
         self.min_dim_size_to_factor = min_dim_size_to_factor
+        self.axis_groups = axis_groups
 
     def factored_dims(self, shape):
-        """The axes a variable of `shape` has its second moment factored over.
+        """The axes a tensor of `shape` has its second moment factored over (GLaM's rule).
 
         Args:
-            shape: tuple of ints, the variable's shape.
+            shape: tuple of ints, the shape of a variable or of its view (`factored_axes`
+                applies this rule to the view).
 
         Returns:
             `(largest_axis, second_largest_axis)`, or `None` when the second moment is kept
@@ -184,20 +265,59 @@ class GLaMAdafactor(keras.optimizers.Optimizer):
             return None
         return largest, second
 
+    def variable_axis_groups(self, path, shape):
+        """How the statistics view a variable: its axes, in consecutive groups.
+
+        Args:
+            path: string, the variable's path (`variable.path`).
+            shape: tuple of ints, the variable's shape.
+
+        Returns:
+            A tuple of tuples of axes, one per axis of the view: the groups of the first
+            `axis_groups` pattern that fullmatches `path` and covers `len(shape)` axes, else
+            one group per axis.
+        """
+        for pattern, groups in self.axis_groups.items():
+            if sum(map(len, groups)) == len(shape) and re.fullmatch(pattern, path):
+                return groups
+        return tuple((axis,) for axis in range(len(shape)))
+
+    def factored_axes(self, path, shape):
+        """The axes a variable's second moment is factored over, on GLaM's view of it.
+
+        Args:
+            path: string, the variable's path (`variable.path`).
+            shape: tuple of ints, the variable's shape.
+
+        Returns:
+            `(largest, second_largest)`: each the tuple of the variable's axes that form one
+            axis of its view (`variable_axis_groups`), the two picked by `factored_dims` on
+            the view's shape; or `None` when the second moment is kept whole.
+        """
+        groups = self.variable_axis_groups(path, shape)
+        view_shape = tuple(math.prod(shape[axis] for axis in group) for group in groups)
+        view_axes = self.factored_dims(view_shape)
+        if view_axes is None:
+            return None
+        return tuple(groups[axis] for axis in view_axes)
+
     def build(self, variables):
         if self.built:
             return
         super().build(variables)
         self._second_moments = []
         self._factored_second_moments = []
+        self._factored_axes = []
         self._momentums = []
         for variable in variables:
             if self._overwrite_variable_with_gradient(variable):
                 self._second_moments.append(None)
                 self._factored_second_moments.append(None)
+                self._factored_axes.append(None)
                 self._momentums.append(None)
                 continue
-            axes = self.factored_dims(variable.shape)
+            axes = self.factored_axes(variable.path, tuple(variable.shape))
+            self._factored_axes.append(axes)
             if axes is None:
                 self._second_moments.append(self._add_slot(variable, "second_moment"))
                 self._factored_second_moments.append(None)
@@ -205,23 +325,23 @@ class GLaMAdafactor(keras.optimizers.Optimizer):
                 self._second_moments.append(None)
                 self._factored_second_moments.append(
                     tuple(
-                        self._add_slot(variable, f"second_moment_mean_over_axis_{axis}", axis)
-                        for axis in axes
+                        self._add_slot(
+                            variable, f"second_moment_mean_over_{_axes_name(group)}", group
+                        )
+                        for group in axes
                     )
                 )
             self._momentums.append(
                 self._add_slot(variable, "momentum") if self.beta_1 else None
             )
 
-    def _add_slot(self, variable, suffix, removed_axis=None):
-        shape = list(variable.shape)
-        if removed_axis is not None:
-            del shape[removed_axis]
+    def _add_slot(self, variable, suffix, removed_axes=()):
+        shape = [size for axis, size in enumerate(variable.shape) if axis not in removed_axes]
         return self.add_variable(
             shape=tuple(shape),
             initializer="zeros",
             dtype="float32",
-            layout=_layout_without_axis(variable, removed_axis),
+            layout=_slot_layout(variable, removed_axes),
             name=f"{variable.path.replace('/', '_')}_{suffix}",
         )
 
@@ -239,23 +359,28 @@ class GLaMAdafactor(keras.optimizers.Optimizer):
             self.assign(second_moment, new_second_moment)
             update = gradient * ops.rsqrt(new_second_moment)
         else:
-            largest_axis, second_axis = self.factored_dims(variable.shape)
+            largest_axes, second_axes = self._factored_axes[index]
             mean_over_largest, mean_over_second = factored_moments
             new_mean_over_largest = decay * mean_over_largest + (1.0 - decay) * ops.mean(
-                squared_gradient, axis=largest_axis
+                squared_gradient, axis=largest_axes
             )
             new_mean_over_second = decay * mean_over_second + (1.0 - decay) * ops.mean(
-                squared_gradient, axis=second_axis
+                squared_gradient, axis=second_axes
             )
             self.assign(mean_over_largest, new_mean_over_largest)
             self.assign(mean_over_second, new_mean_over_second)
-            # The largest axis is gone from `new_mean_over_largest`; later axes shift left.
-            second_axis_in_mean = second_axis - int(second_axis > largest_axis)
-            normaliser = ops.mean(new_mean_over_largest, axis=second_axis_in_mean, keepdims=True)
+            # The largest axes are gone from `new_mean_over_largest`; later axes shift left.
+            second_axes_in_mean = tuple(
+                axis - sum(removed < axis for removed in largest_axes) for axis in second_axes
+            )
+            normaliser = ops.mean(new_mean_over_largest, axis=second_axes_in_mean, keepdims=True)
+            shape = tuple(variable.shape)
             update = (
                 gradient
-                * ops.expand_dims(ops.rsqrt(new_mean_over_largest / normaliser), largest_axis)
-                * ops.expand_dims(ops.rsqrt(new_mean_over_second), second_axis)
+                * _with_axes_restored(
+                    ops.rsqrt(new_mean_over_largest / normaliser), shape, largest_axes
+                )
+                * _with_axes_restored(ops.rsqrt(new_mean_over_second), shape, second_axes)
             )
 
         if self.clip_threshold is not None:
@@ -286,6 +411,7 @@ class GLaMAdafactor(keras.optimizers.Optimizer):
                 "epsilon_2": self.epsilon_2,
                 "factored": self.factored,
                 "min_dim_size_to_factor": self.min_dim_size_to_factor,
+                "axis_groups": dict(self.axis_groups),
             }
         )
         return config

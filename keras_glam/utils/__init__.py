@@ -1,0 +1,1 @@
+"""Helpers below every room of keras_glam (atomic files, hashing); they import none of it."""
