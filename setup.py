@@ -26,18 +26,34 @@ setup(
     install_requires=[
         "keras>=3.15.1,<4",
         "keras-hub>=0.32.0,<0.33",
+        # The package asked for by name; 0.32 re-exports keras-hub (tests load GLaM through it).
+        "keras-nlp>=0.32.0,<0.33",
         "jax>=0.10.2,<0.11",
         "tensorflow-text>=2.21.1,<2.22",
         "sentencepiece>=0.2.3,<0.3",
         "huggingface-hub>=2.4.0,<3",
+        # hub/retry.py names its transport errors; the range huggingface_hub 2.4 itself requires.
+        "httpx2>=2.0,<3",
         "numpy>=1.26",
         "matplotlib>=3.8",
         "tensorboard>=2.21,<2.22",
     ],
     extras_require={
-        "tests": ["pytest>=8", "grain>=0.2.18"],
+        # Evaluation through lm-evaluation-harness (pure Python, no torch).
+        "eval": ["lm-eval>=0.4.13,<0.5"],
+        # Parquet and Hugging Face `datasets` sources for the data pipeline.
+        "data": ["pyarrow>=15", "datasets>=3"],
+        "tests": ["pytest>=8", "grain>=0.2.18", "lm-eval>=0.4.13,<0.5", "pyarrow>=15",
+                  "datasets>=3"],
     },
-    entry_points={"console_scripts": ["glam-train=keras_glam.train:main"]},
+    entry_points={
+        "console_scripts": [
+            "glam-train=keras_glam.train:main",
+            "glam-eval=keras_glam.evaluate:main",
+            "glam-data=keras_glam.prepare_data:main",
+            "glam-plan=keras_glam.plan:main",
+        ]
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

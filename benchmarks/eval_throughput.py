@@ -130,7 +130,9 @@ def main():
     # 1 and 2: log-likelihoods.
     requests = multiple_choice_requests(tokenizer, args.questions, rng)
     # Contexts end without a space: the model reads `<s> + context + choice`, tokenized whole.
-    inputs = [lm.tok_encode(context + choice)[:-1] for context, choice in (r.args for r in requests)]
+    inputs = [
+        lm.tok_encode(context + choice)[:-1] for context, choice in (r.args for r in requests)
+    ]
     real_tokens = sum(map(len, inputs))
     width = padded_width(max(map(len, inputs)), args.max_length)
     forward = forward_function(causal_lm)
@@ -149,14 +151,18 @@ def main():
         f"\nloglikelihood: {len(requests)} requests ({args.questions} questions x 4 choices), "
         f"{real_tokens:,} real tokens, lengths {min(map(len, inputs))}-{max(map(len, inputs))}"
     )
-    print(f"  GLaMLM.loglikelihood          {ours * 1e3:8.1f} ms  {len(requests) / ours:8.1f} req/s")
+    print(
+        f"  GLaMLM.loglikelihood          {ours * 1e3:8.1f} ms  {len(requests) / ours:8.1f} req/s"
+    )
     print(
         f"  one padded pass per request   {baseline * 1e3:8.1f} ms  "
         f"{len(requests) / baseline:8.1f} req/s  (width {width})"
     )
     print(f"  speed-up: {baseline / ours:.2f}x (target >= 3x)")
 
-    pass_width = max(padded_width(max(map(len, inputs)), args.max_length), min(256, args.max_length))
+    pass_width = max(
+        padded_width(max(map(len, inputs)), args.max_length), min(256, args.max_length)
+    )
     rows = lm.scorer.rows_per_pass(pass_width)
     full = rng.integers(3, tokenizer.vocabulary_size(), (rows, pass_width)).astype("int32")
     passes = -(-real_tokens // (rows * pass_width))
@@ -175,13 +181,19 @@ def main():
 
     # 3: generation.
     prompts = text_pieces(tokenizer, rng, args.prompts, (10, 60))
-    settings = {"until": ["never appears \x00"], "max_gen_toks": args.new_tokens, "do_sample": False}
+    settings = {
+        "until": ["never appears \x00"],
+        "max_gen_toks": args.new_tokens,
+        "do_sample": False,
+    }
     generate_requests = [Instance("generate_until", {}, (p, dict(settings)), 0) for p in prompts]
     lengths = [1 + len(tokenizer.tokenize(p)) for p in prompts]
 
     def one_prompt_at_a_time():
         return [
-            causal_lm.generate(p, max_length=n + args.new_tokens, strip_prompt=True, stop_token_ids=None)
+            causal_lm.generate(
+                p, max_length=n + args.new_tokens, strip_prompt=True, stop_token_ids=None
+            )
             for p, n in zip(prompts, lengths)
         ]
 
@@ -193,7 +205,8 @@ def main():
     tokens = args.prompts * args.new_tokens
     print(f"\ngenerate_until: {args.prompts} prompts x {args.new_tokens} tokens, greedy")
     print(f"  GLaMLM.generate_until         {ours * 1e3:8.1f} ms  {tokens / ours:8.1f} tokens/s")
-    print(f"  generate(), one prompt a time {baseline * 1e3:8.1f} ms  {tokens / baseline:8.1f} tokens/s")
+    rate = tokens / baseline
+    print(f"  generate(), one prompt a time {baseline * 1e3:8.1f} ms  {rate:8.1f} tokens/s")
     print(f"  speed-up: {baseline / ours:.2f}x (target >= 3x); same text: {same}")
 
 

@@ -207,9 +207,11 @@ def headroom(corpus, args):
     for _ in range(20):  # Warm up the pipeline's buffers and autotuning.
         next(iterator)
     times = time_chunks({"pipeline": pipeline, "training": training}, args.rounds)
+    pipeline_seconds = statistics.median(times["pipeline"])
+    training_seconds = statistics.median(times["training"])
     return {
-        "pipeline_tokens_per_second": args.pipeline_batches * tokens / statistics.median(times["pipeline"]),
-        "training_tokens_per_second": args.train_steps * tokens / statistics.median(times["training"]),
+        "pipeline_tokens_per_second": args.pipeline_batches * tokens / pipeline_seconds,
+        "training_tokens_per_second": args.train_steps * tokens / training_seconds,
         "times": times,
     }
 

@@ -32,9 +32,9 @@ few minutes on two CPU cores, with text every Python installation has:
    tokens, on the mixture `curated=0.3, web=0.7`: once with the raw web text, once with the
    web source filtered in the input pipeline (`web=jsonl,quality=filter.keras:...`). Held-out
    cross-entropy on the clean curated paragraphs is measured as training goes. A third run,
-   the control, trains on as many web documents as the filter kept, drawn at random: it
-   repeats its web text as often as the filtered run does, so the two differ only in which
-   documents were chosen.
+   the control, trains on web documents drawn at random until they hold as many tokens as the
+   filter kept: it repeats its web text as often as the filtered run does, so the two differ
+   only in which documents were chosen.
 
     python examples/quality_filter_ablation.py --output ablation
     python examples/quality_filter_ablation.py --steps 60 --web-documents 600   # a smoke run
@@ -72,7 +72,7 @@ RUNS = ("unfiltered", "filtered", "random")
 RUN_LABELS = {
     "unfiltered": "web text unfiltered",
     "filtered": "web text filtered",
-    "random": "random web sample, filtered's size",
+    "random": "random web sample of the filtered's size",
 }
 
 
@@ -173,10 +173,12 @@ def junk(vocabulary, rng):
             "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 12)))
             for _ in range(length // 2)
         ]
-        return " ".join(
-            f"http://{piece.lower()}.example/{rng.randrange(10**6)}" if rng.random() < 0.2 else piece
-            for piece in pieces
-        )
+        words = []
+        for piece in pieces:
+            if rng.random() < 0.2:
+                piece = f"http://{piece.lower()}.example/{rng.randrange(10**6)}"
+            words.append(piece)
+        return " ".join(words)
     return " ".join([" ".join(rng.choice(vocabulary) for _ in range(4))] * (length // 4))
 
 
@@ -347,16 +349,29 @@ def main(argv=None):
     classifier = load_quality_classifier(filter_path)
     by_kind = {"good": [], "degraded": [], "junk": []}
     kept_by_kind = {"good": [], "degraded": [], "junk": []}
+    kept_texts = []
     for decision in score_documents(JsonLines(web_spec).documents(), classifier,
                                     seed=args.seed).as_numpy_iterator():
-        kind = kinds[decision["text"].decode()]
-        by_kind[kind].append(float(decision["score"]))
-        kept_by_kind[kind].append(bool(decision["keep"]))
+        text = decision["text"].decode()
+        by_kind[kinds[text]].append(float(decision["score"]))
+        kept_by_kind[kinds[text]].append(bool(decision["keep"]))
+        if decision["keep"]:
+            kept_texts.append(text)
+    # Tokens as the packer frames them (`<s> text </s>`).
+    token_counts = {text: len(tokenizer(text)) + 2 for text in kinds}
     kept_fraction = {kind: float(np.mean(kept)) for kind, kept in kept_by_kind.items()}
-    # The control: as many web documents as the filter kept, drawn at random.
-    kept_count = sum(sum(kept) for kept in kept_by_kind.values())
-    random_sample = random.Random(args.seed).sample(sorted(kinds), kept_count)
+    # The control: web documents drawn at random until they hold as many tokens as the
+    # filter kept, so that it repeats its web text as often as the filtered run.
+    kept_tokens = sum(token_counts[text] for text in kept_texts)
+    random_sample, sampled_tokens = [], 0
+    for text in random.Random(args.seed).sample(sorted(kinds), len(kinds)):
+        if sampled_tokens >= kept_tokens:
+            break
+        random_sample.append(text)
+        sampled_tokens += token_counts[text]
     _write_jsonl(os.path.join(corpus, "web_random.jsonl"), random_sample)
+    web_tokens = {"unfiltered": sum(token_counts.values()), "filtered": kept_tokens,
+                  "random": sampled_tokens}
 
     settings = dict(sequence_length=args.sequence_length, batch_size=args.batch_size,
                     held_out_fraction=args.held_out_fraction, held_out_documents=200,
@@ -383,7 +398,7 @@ def main(argv=None):
     results["filter"] = {"metrics": filter_metrics, "kept_fraction": kept_fraction,
                          "mean_score": {k: float(np.mean(v)) for k, v in by_kind.items()}}
     results["settings"] = vars(args)
-    results["corpus"] = sizes
+    results["corpus"] = {**sizes, "web_tokens": web_tokens}
     with open(os.path.join(args.output, "results.json"), "w", encoding="utf-8") as file:
         json.dump(results, file, indent=2)
     figure = os.path.join(args.output, "ablation.png")
@@ -397,7 +412,8 @@ def main(argv=None):
     for name in RUNS:
         print(f"| {RUN_LABELS[name]} | {results[name]['held_out_cross_entropy']:.3f} |")
     print(f"Unigram baseline: {results['unigram_entropy']:.3f}. Kept by the filter: "
-          + ", ".join(f"{kind} {100 * value:.0f}%" for kind, value in kept_fraction.items()))
+          + ", ".join(f"{kind} {100 * value:.0f}%" for kind, value in kept_fraction.items())
+          + ". Web tokens: " + ", ".join(f"{k} {v:,}" for k, v in web_tokens.items()) + ".")
     return results
 
 

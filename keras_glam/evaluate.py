@@ -37,19 +37,27 @@ def parse_args(argv=None):
         description="Evaluate a GLaM model on GLaM's tasks (lm-evaluation-harness) or on texts.",
     )
     parser.add_argument(
-        "--model", required=True,
+        "--model",
+        required=True,
         help="a preset directory (e.g. glam_run/preset), hf://org/name or a builtin preset name",
     )
     parser.add_argument(
-        "--tasks", nargs="*",
+        "--tasks",
+        nargs="*",
         help="glam_all, glam_nlg, glam_nlu, lm-eval task/group names or task YAML files",
     )
     parser.add_argument(
-        "--text", nargs="+", metavar="FILE",
+        "--text",
+        nargs="+",
+        metavar="FILE",
         help="UTF-8 text files, one document each: report nats/token and bits/byte",
     )
     parser.add_argument(
-        "--num-fewshot", nargs="+", type=int, default=[0], metavar="N",
+        "--num-fewshot",
+        nargs="+",
+        type=int,
+        default=[0],
+        metavar="N",
         help="few-shot settings, several in one run (default: 0)",
     )
     parser.add_argument(
@@ -57,21 +65,28 @@ def parse_args(argv=None):
     )
     parser.add_argument("--batch-size", type=int, help="requests per forward pass (default: auto)")
     parser.add_argument(
-        "--max-length", type=int,
+        "--max-length",
+        type=int,
         help="most tokens the model reads at once (default: the preset's sequence_length)",
     )
     parser.add_argument(
-        "--num-beams", type=int, default=1,
+        "--num-beams",
+        type=int,
+        default=1,
         help="beam width of generative tasks (default 1: greedy, lm-eval's default; GLaM: 4)",
     )
     parser.add_argument(
         "--data-dir",
         help="local task data, one folder per task with a file per split; nothing is fetched",
     )
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--output", default=DEFAULT_OUTPUT, help="output folder (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=1234, help="seed of the few-shot examples")
     parser.add_argument(
-        "--bootstrap-iters", type=int, default=1000,
+        "--bootstrap-iters",
+        type=int,
+        default=1000,
         help="bootstrap resamples for the standard errors of non-mean metrics (0: none)",
     )
     return parser.parse_args(argv)
@@ -108,7 +123,9 @@ def read_texts(paths):
         except FileNotFoundError:
             raise BadInput(f"--text: {path} does not exist.") from None
         except UnicodeDecodeError as error:
-            raise BadInput(f"--text: {path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+            raise BadInput(
+                f"--text: {path} is not UTF-8 text ({error.reason} at byte {error.start})."
+            ) from None
         except OSError as error:
             raise BadInput(f"--text: cannot read {path} ({error.strerror}).") from None
         if not texts[-1].strip():

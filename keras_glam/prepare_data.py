@@ -179,13 +179,13 @@ def train_filter(args):
         classifier.save(temporary)
     if args.report:
         write_json_atomically(args.report, metrics)
-    counts = metrics["documents"]
+    counts, scores = metrics["documents"], metrics["mean_validation_score"]
     print(
         f"Trained on {counts['positive']['train']} curated and {counts['negative']['train']} "
         f"web documents; validation ({counts['positive']['validation']} + "
         f"{counts['negative']['validation']}): accuracy {metrics['accuracy']:.3f}, AUC "
-        f"{metrics['auc']:.3f}, mean score curated {metrics['mean_validation_score']['positive']:.3f}"
-        f" / web {metrics['mean_validation_score']['negative']:.3f}. Saved {args.output}."
+        f"{metrics['auc']:.3f}, mean score curated {scores['positive']:.3f} / web "
+        f"{scores['negative']:.3f}. Saved {args.output}."
     )
     return metrics
 

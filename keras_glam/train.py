@@ -34,7 +34,7 @@ built and before anything in `--output` is touched.
 
 The command shows only its own output: this module imports nothing heavy until the arguments
 are parsed (`--help` is instant), and TensorFlow's, XLA's and SentencePiece's start-up logs are
-hidden unless `--verbose 3`. The job itself is `keras_glam.main_job`.
+hidden unless `--verbose 3`. The job itself is the library `keras_glam.training.job`.
 """
 
 import argparse
@@ -83,6 +83,7 @@ class TrainingJob:
     seed: int = 0
     samples: int = None  # None: one sample per built-in prompt.
     sample_length: int = 64
+    peak_tflops: float = None  # None: the data-sheet table, or a matmul timed on a CPU.
     verbose: object = "auto"
 
 
@@ -180,6 +181,15 @@ def parse_args(argv=None):
         "--sample-length", type=int, metavar="TOKENS", help="tokens per sample (default: 64)"
     )
     parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        metavar="TFLOPS",
+        help=(
+            "peak TFLOP/s of one device, for MFU (default: the data-sheet table; on a CPU a "
+            "matmul timed at start-up)"
+        ),
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run in seconds: glam_tiny_8e, 6 steps of 4 x 32 tokens",
@@ -205,8 +215,8 @@ def parse_args(argv=None):
 
 
 def run(job):
-    """The whole main job in this process (`keras_glam.main_job.run`); returns the metrics."""
-    from keras_glam import main_job
+    """The whole main job in this process (`keras_glam.training.job.run`); returns the metrics."""
+    from keras_glam.training import job as main_job
 
     return main_job.run(job)
 
@@ -226,7 +236,7 @@ def main(argv=None):
     try:
         with contextlib.nullcontext() if library_logs else native_stderr_hidden():
             # Imported here, after the arguments and the log levels: `--help` needs none of it.
-            from keras_glam import main_job
+            from keras_glam.training import job as main_job
 
             data = main_job.prepare(job)
         main_job.train(job, data)

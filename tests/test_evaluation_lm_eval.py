@@ -43,7 +43,9 @@ def offline(monkeypatch):
     """`go_offline` for this test only: the flags it sets are restored afterwards."""
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(name, os.environ.get(name, ""))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE
+    )
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", datasets.config.HF_DATASETS_OFFLINE)
     monkeypatch.setattr(task_loading, "hub_reachable", lambda timeout=None: False)
@@ -71,11 +73,12 @@ def test_loglikelihood_conditions_on_the_start_token_and_the_context(glam_lm):
         ("", "An empty context is the start token alone."),
         ("x = ", "1"),
         ("Trailing space moves to the continuation ", "here"),
+        ("So does a newline:\n", "Answer: 4"),
     ]
     results = glam_lm.loglikelihood(requests("loglikelihood", *pairs), disable_tqdm=True)
     for (context, continuation), (log_prob, _) in zip(pairs, results):
         expected, length = direct_continuation_log_prob(
-            glam_lm, context.rstrip(" "), context[len(context.rstrip(" ")) :] + continuation
+            glam_lm, context.rstrip(), context[len(context.rstrip()) :] + continuation
         )
         np.testing.assert_allclose(log_prob, expected, rtol=1e-5, atol=1e-4)
         assert glam_lm.continuation_length(context, continuation) == length
@@ -84,18 +87,25 @@ def test_loglikelihood_conditions_on_the_start_token_and_the_context(glam_lm):
 def test_empty_context_is_scored_after_start_token_only(glam_lm):
     tokenizer = glam_lm.glam_tokenizer
     text = "print('hello')"
-    [(log_prob, _)] = glam_lm.loglikelihood(requests("loglikelihood", ("", text)), disable_tqdm=True)
-    (expected,) = glam_lm.scorer.score([([tokenizer.start_token_id], tokenizer.tokenize(text).tolist())])
+    [(log_prob, _)] = glam_lm.loglikelihood(
+        requests("loglikelihood", ("", text)), disable_tqdm=True
+    )
+    (expected,) = glam_lm.scorer.score(
+        [([tokenizer.start_token_id], tokenizer.tokenize(text).tolist())]
+    )
     assert log_prob == pytest.approx(expected[0], rel=1e-6)
 
 
 def test_rolling_matches_the_scorer_and_perplexity(glam_lm):
     text = "def f(x):\n    return x * 2\n" * 6
-    [total] = glam_lm.loglikelihood_rolling(requests("loglikelihood_rolling", (text,)), disable_tqdm=True)
+    [total] = glam_lm.loglikelihood_rolling(
+        requests("loglikelihood_rolling", (text,)), disable_tqdm=True
+    )
     result = keras_glam.evaluation.perplexity(glam_lm.causal_lm, [text], max_length=MAX_LENGTH)
     assert total == pytest.approx(-result.nats_per_token * result.tokens, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_generate_until_is_greedy_generate_cut_at_the_stop_string(glam_lm):
     contexts = ["def main():", "The quick brown fox", "x"]
     references, _ = greedy_references(glam_lm.causal_lm, contexts, 10)
@@ -110,7 +120,9 @@ def test_generate_until_is_greedy_generate_cut_at_the_stop_string(glam_lm):
 def test_generation_settings_that_cannot_apply_are_refused(glam_lm):
     with pytest.raises(ValueError, match="do_sample=True"):
         glam_lm.generate_until(
-            requests("generate_until", ("x", {"until": ["\n"], "do_sample": True, "temperature": 1.0})),
+            requests(
+                "generate_until", ("x", {"until": ["\n"], "do_sample": True, "temperature": 1.0})
+            ),
             disable_tqdm=True,
         )
 
@@ -129,7 +141,9 @@ def test_the_suite_is_the_papers_29_tasks_and_names_real_lm_eval_tasks():
         if task.lm_eval_task is None:
             assert task.note, task.name
             continue
-        config = task_loading.load_yaml(task_loading.LM_EVAL_TASKS_DIR / task.yaml, resolve_func=False)
+        config = task_loading.load_yaml(
+            task_loading.LM_EVAL_TASKS_DIR / task.yaml, resolve_func=False
+        )
         assert config["task"] == task.lm_eval_task
 
 
@@ -140,7 +154,9 @@ def test_glam_all_lists_what_it_cannot_run():
     has_transformers = importlib.util.find_spec("transformers") is not None
     selection = select_tasks(["glam_all"])
     reasons = {m.name: m.reason for m in selection.missing}
-    expected = {"QuAC", "RACE-m", "StoryCloze"} | (set() if has_transformers else {"CoQA", "ReCoRD"})
+    expected = {"QuAC", "RACE-m", "StoryCloze"} | (
+        set() if has_transformers else {"CoQA", "ReCoRD"}
+    )
     assert set(reasons) == expected
     assert "manual download" in reasons["StoryCloze"] and "QuAC" in reasons["QuAC"]
     assert len(selection.specs) == 29 - len(expected)
@@ -183,13 +199,22 @@ def test_zero_and_one_shot_prompts_are_built_as_lm_eval_builds_them(glam_lm):
     for shots in (0, 1):
         tasks = selection.load()
         results = lm_eval.simple_evaluate(
-            model=glam_lm, tasks=list(tasks.values()), num_fewshot=shots, log_samples=True,
+            model=glam_lm,
+            tasks=list(tasks.values()),
+            num_fewshot=shots,
+            log_samples=True,
             bootstrap_iters=0,
         )
-        contexts[shots] = [sample["arguments"][0][0] for sample in results["samples"]["glam_tiny_choice"]]
+        contexts[shots] = [
+            sample["arguments"][0][0] for sample in results["samples"]["glam_tiny_choice"]
+        ]
         add_acc_per_token(results, tasks, glam_lm)
-        expected = np.mean([_per_token_choice_is_right(glam_lm, s) for s in results["samples"]["glam_tiny_choice"]])
-        assert results["results"]["glam_tiny_choice"]["acc_per_token,none"] == pytest.approx(expected)
+        expected = np.mean(
+            [_per_token_choice_is_right(glam_lm, s) for s in results["samples"]["glam_tiny_choice"]]
+        )
+        assert results["results"]["glam_tiny_choice"]["acc_per_token,none"] == pytest.approx(
+            expected
+        )
     train = [json.loads(line) for line in (DATA_DIR / "glam_tiny_choice" / "train.jsonl").open()]
     shots = {f"Question: {d['question']}\nAnswer: {d['choices'][d['label']]}\n\n" for d in train}
     for zero, one in zip(contexts[0], contexts[1]):
@@ -218,8 +243,14 @@ def run_command(argv, capsys):
         (["--model", "glam_tiny_8e"], "Nothing to evaluate"),
         (["--model", "glam_tiny_8e", "--tasks", "arc_easyy"], "closest: arc_easy"),
         (["--model", "glam_tiny_8e", "--text", "/nonexistent.txt"], "does not exist"),
-        (["--model", "glam_0.1b", "--tasks", CHOICE_TASK, "--data-dir", str(DATA_DIR)], "has no tokenizer"),
-        (["--model", "glam_tiny_8e", "--tasks", CHOICE_TASK, "--num-fewshot", "-1"], "non-negative"),
+        (
+            ["--model", "glam_0.1b", "--tasks", CHOICE_TASK, "--data-dir", str(DATA_DIR)],
+            "has no tokenizer",
+        ),
+        (
+            ["--model", "glam_tiny_8e", "--tasks", CHOICE_TASK, "--num-fewshot", "-1"],
+            "non-negative",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, offline, tmp_path):
@@ -249,9 +280,24 @@ def test_command_end_to_end_on_tiny_tasks(capsys, offline, tmp_path):
     text.write_text("def f(x):\n    return x\n" * 5)
     code, out, err = run_command(
         [
-            "--model", "glam_tiny_8e", "--tasks", CHOICE_TASK, ANSWER_TASK,
-            "--data-dir", str(DATA_DIR), "--num-fewshot", "0", "1", "--max-length", "64",
-            "--batch-size", "4", "--text", str(text), "--output", str(output),
+            "--model",
+            "glam_tiny_8e",
+            "--tasks",
+            CHOICE_TASK,
+            ANSWER_TASK,
+            "--data-dir",
+            str(DATA_DIR),
+            "--num-fewshot",
+            "0",
+            "1",
+            "--max-length",
+            "64",
+            "--batch-size",
+            "4",
+            "--text",
+            str(text),
+            "--output",
+            str(output),
         ],
         capsys,
     )
@@ -272,7 +318,8 @@ def test_command_end_to_end_on_tiny_tasks(capsys, offline, tmp_path):
     assert perplexity["tokens"] == len(tokenizer.tokenize(text.read_text()))
     assert perplexity["bytes"] == len(text.read_bytes())
     nats = perplexity["nats_per_token"] * perplexity["tokens"]
-    assert nats > 0 and perplexity["bits_per_byte"] * np.log(2) * perplexity["bytes"] == pytest.approx(nats)
+    bits = perplexity["bits_per_byte"] * perplexity["bytes"]
+    assert nats > 0 and bits * np.log(2) == pytest.approx(nats)
     assert "nats/token" in out and "bits/byte" in out
 
 
@@ -280,5 +327,6 @@ def test_the_docs_show_the_suite_table_of_the_code():
     docs = (pathlib.Path(__file__).parents[1] / "docs" / "evaluation.md").read_text()
     for task in GLAM_TASKS:
         lm_eval_task = f"`{task.lm_eval_task}`" if task.lm_eval_task else "missing"
-        row = f"| {task.category} | {task.name} | {task.kind} | {lm_eval_task} | `{task.metric}` | {task.note} |"
+        cells = (task.category, task.name, task.kind, lm_eval_task, f"`{task.metric}`", task.note)
+        row = "| " + " | ".join(cells) + " |"
         assert row in docs, row

@@ -26,10 +26,17 @@ def lm_eval_run(num_fewshot, arc_accuracy):
                 "acc_stderr,none": 0.01,
                 "acc_per_token,none": arc_accuracy + 0.05,
             },
-            "triviaqa": {"exact_match,remove_whitespace": 0.125, "exact_match_stderr,remove_whitespace": 0.0},
+            "triviaqa": {
+                "exact_match,remove_whitespace": 0.125,
+                "exact_match_stderr,remove_whitespace": 0.0,
+            },
         },
         "configs": {
-            "arc_easy": {"dataset_path": "allenai/ai2_arc", "dataset_name": "ARC-Easy", "test_split": "test"},
+            "arc_easy": {
+                "dataset_path": "allenai/ai2_arc",
+                "dataset_name": "ARC-Easy",
+                "test_split": "test",
+            },
             "triviaqa": {"dataset_path": "json", "validation_split": "validation"},
         },
         "n-shot": {"arc_easy": num_fewshot, "triviaqa": num_fewshot},
@@ -59,7 +66,8 @@ def card(eval_results):
 
 def metrics_of(front_matter, dataset_name):
     [entry] = [
-        result for result in front_matter["model-index"][0]["results"]
+        result
+        for result in front_matter["model-index"][0]["results"]
         if result["dataset"]["name"] == dataset_name
     ]
     return entry, {metric["name"]: metric["value"] for metric in entry["metrics"]}
@@ -72,7 +80,10 @@ def test_one_setting_puts_every_score_and_its_shots_in_the_model_index(tmp_path)
     assert front_matter["model-index"][0]["name"] == "glam-org/glam-tiny"
     entry, metrics = metrics_of(front_matter, "arc_easy")
     assert entry["dataset"] == {
-        "name": "arc_easy", "type": "allenai/ai2_arc", "config": "ARC-Easy", "split": "test",
+        "name": "arc_easy",
+        "type": "allenai/ai2_arc",
+        "config": "ARC-Easy",
+        "split": "test",
         "args": {"num_few_shot": 0},
     }
     assert metrics == {"acc, 0-shot": 0.5, "acc_per_token, 0-shot": 0.55}
@@ -94,7 +105,14 @@ def test_plain_lm_eval_results_work_too():
     run = lm_eval_run(5, 0.75)
     del run["num_fewshot"]
     evaluation = read_eval_results(run)
-    assert ("arc_easy", 5, "acc", "none", 0.75, ("allenai/ai2_arc", "ARC-Easy", "test")) in evaluation.scores
+    assert (
+        "arc_easy",
+        5,
+        "acc",
+        "none",
+        0.75,
+        ("allenai/ai2_arc", "ARC-Easy", "test"),
+    ) in evaluation.scores
 
 
 @pytest.mark.parametrize(
@@ -111,12 +129,7 @@ def test_unreadable_results_are_refused(tmp_path, content, message):
 def test_publish_model_puts_the_scores_on_the_card(hub_server, tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results_document(lm_eval_run(0, 0.5))))
-    backbone = keras_glam.GLaMBackbone(
-        vocabulary_size=4096, num_layers=1, hidden_dim=16, intermediate_dim=32, num_heads=2,
-        head_dim=8,
-    )
-    preprocessor = keras_glam.GLaMCausalLMPreprocessor.from_preset("glam_tiny_8e", sequence_length=16)
-    lm = keras_glam.GLaMCausalLM(backbone, preprocessor=preprocessor)
+    lm = keras_glam.GLaMCausalLM.from_preset("glam_tiny_8e", sequence_length=16)
     with pytest.raises(ValueError, match="cannot read"):
         publish_model(lm, f"hf://{WRITABLE_ORG}/glam-scored", eval_results=tmp_path / "none.json")
     publish_model(lm, f"hf://{WRITABLE_ORG}/glam-scored", eval_results=str(path))

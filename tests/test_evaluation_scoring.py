@@ -1,6 +1,10 @@
 """Batched scoring and decoding of keras_glam.evaluation against the model's own logits."""
 
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -199,6 +203,7 @@ def greedy_references(causal_lm, prompts, new_tokens):
     return texts, token_prompts
 
 
+@pytest.mark.slow
 def test_greedy_generation_equals_generate_cut_at_the_stop_string(causal_lm):
     prompts = ["def main():", "The quick brown fox", "x", "import os\nimport sys"]
     references, token_prompts = greedy_references(causal_lm, prompts, 12)
@@ -231,3 +236,35 @@ def test_beam_search_equals_generate_with_a_beam_sampler(causal_lm):
 def test_models_without_a_tokenizer_are_refused_before_building():
     with pytest.raises(ValueError, match="has no tokenizer"):
         load_causal_lm("glam_64b_64e")  # 1.2T parameters: only a check can be this quick.
+
+
+@pytest.mark.slow
+def test_the_package_imports_without_lm_eval_and_says_how_to_install_it():
+    script = textwrap.dedent(
+        """
+        import sys
+
+        class NoLmEval:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "lm_eval":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        sys.meta_path.insert(0, NoLmEval())
+        import keras_glam.evaluation as evaluation
+
+        assert callable(evaluation.perplexity) and len(evaluation.GLAM_TASKS) == 29
+        try:
+            evaluation.GLaMLM
+        except ImportError as error:
+            print(error)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'pip install "keras-glam[eval]"' in result.stdout

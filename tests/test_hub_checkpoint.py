@@ -512,3 +512,27 @@ def test_publish_model_saves_renders_our_card_and_commits_once(hub_server, tmp_p
     np.testing.assert_array_equal(_logits(loaded), _logits(lm))
     with pytest.raises(ValueError, match="loss_plot must be an existing .png file"):
         publish_model(lm, result.handle, loss_plot=tmp_path / "missing.png")
+
+
+def test_eval_results_reach_every_pushed_card(hub_server, tmp_path):
+    """glam-eval's results.json given to HubCheckpoint lands in the card's model-index."""
+    results = {
+        "runs": [{
+            "num_fewshot": 0,
+            "results": {"arc_easy": {"acc,none": 0.625, "acc_stderr,none": 0.01}},
+            "configs": {"arc_easy": {"dataset_path": "allenai/ai2_arc", "test_split": "test"}},
+            "n-shot": {"arc_easy": 0},
+        }],
+        "missing_tasks": [],
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    hub = HubCheckpoint(HANDLE, eval_results=str(path), **FAST)
+    _trainer(_lm(), tmp_path / "run", 2, [hub]).fit()
+    card = hub_server.files(REPO_ID)["README.md"].decode()
+    assert "model-index" in card and "arc_easy" in card and "0.625" in card
+
+
+def test_unreadable_eval_results_fail_before_training(hub_server, tmp_path):
+    with pytest.raises(ValueError, match="cannot read"):
+        HubCheckpoint(HANDLE, eval_results=str(tmp_path / "missing.json"), **FAST)

@@ -149,3 +149,13 @@ def test_a_fixed_integer_seed_is_reproducible_and_still_draws_wi_and_wo_apart():
         )
     offenders, _ = _correlated_pairs([first.expert_wi.kernel, first.expert_wo.kernel])
     assert not offenders, offenders
+
+
+def test_one_seeded_initializer_for_router_and_experts_draws_three_weights_apart():
+    """JAX's bits depend on the seed and flat index only: equal seeds share leading values."""
+    seeded = keras.initializers.LecunUniform(seed=7)
+    (layer,) = _two_moe_layers(kernel_initializer=seeded, router_initializer=seeded)[:1]
+    router = _values(layer.router.kernel).ravel()
+    for name in ("expert_wi", "expert_wo"):
+        prefix = _values(getattr(layer, name).kernel).ravel()[: router.size]
+        assert abs(np.corrcoef(router / router.std(), prefix / prefix.std())[0, 1]) < 0.2, name

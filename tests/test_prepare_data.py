@@ -44,7 +44,8 @@ def test_train_filter_saves_a_model_and_metrics(trained_filter, capsys):
     root, model = trained_filter
     metrics = json.loads((root / "metrics.json").read_text())
     assert metrics["auc"] > 0.9
-    assert metrics["mean_validation_score"]["positive"] > metrics["mean_validation_score"]["negative"]
+    scores = metrics["mean_validation_score"]
+    assert scores["positive"] > scores["negative"]
 
 
 def test_filter_writes_shards_and_a_report(trained_filter, tmp_path, capsys):
@@ -58,7 +59,8 @@ def test_filter_writes_shards_and_a_report(trained_filter, tmp_path, capsys):
     assert status == 0, capsys.readouterr().err
     report = json.loads((output / "report.json").read_text())
     entry = report["sources"]["crawl"]
-    kept = [t.decode() for t in JsonLines(str(output / "crawl" / "*.jsonl")).documents().as_numpy_iterator()]
+    shards = JsonLines(str(output / "crawl" / "*.jsonl")).documents()
+    kept = [t.decode() for t in shards.as_numpy_iterator()]
     assert entry["documents"] == len(CURATED) + len(WEB) == sum(entry["histogram"]["all"])
     assert entry["kept"] == len(kept) == sum(entry["histogram"]["kept"])
     assert entry["kept_fraction"] == pytest.approx(len(kept) / entry["documents"])

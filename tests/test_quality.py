@@ -120,7 +120,9 @@ def test_save_and_load_like_any_keras_model(trained, tmp_path):
     assert isinstance(loaded, quality.QualityClassifier)
     assert loaded.get_config() == classifier.get_config()
     documents = tf.constant(CURATED[:3] + JUNK[:3])
-    np.testing.assert_array_equal(loaded.score(documents).numpy(), classifier.score(documents).numpy())
+    np.testing.assert_array_equal(
+        loaded.score(documents).numpy(), classifier.score(documents).numpy()
+    )
     assert isinstance(quality.load_quality_classifier(path), quality.QualityClassifier)
 
 
@@ -138,9 +140,11 @@ def test_filter_step_keeps_by_the_rule(trained):
     texts = [f"{t} #{i}" for i, t in enumerate(CURATED * 5 + JUNK * 5)]
     decisions = list(quality.score_documents(tf.data.Dataset.from_tensor_slices(texts), classifier))
     scores = np.array([d["score"] for d in decisions])
-    expected_keep = quality.pareto_draws(tf.constant(texts)).numpy() > 1.0 - scores.astype("float64")
+    draws = quality.pareto_draws(tf.constant(texts)).numpy()
+    expected_keep = draws > 1.0 - scores.astype("float64")
     np.testing.assert_array_equal([d["keep"] for d in decisions], expected_keep)
-    kept = [t.decode() for t in quality.filter_documents(tf.data.Dataset.from_tensor_slices(texts), classifier).as_numpy_iterator()]
+    kept = quality.filter_documents(tf.data.Dataset.from_tensor_slices(texts), classifier)
+    kept = [t.decode() for t in kept.as_numpy_iterator()]
     assert kept == [t for t, keep in zip(texts, expected_keep) if keep]
     curated_kept = np.mean(expected_keep[: len(CURATED) * 5])
     junk_kept = np.mean(expected_keep[len(CURATED) * 5 :])

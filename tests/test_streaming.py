@@ -23,7 +23,7 @@ def tokenizer():
 
 
 def _documents(prefix, count):
-    return [f"{prefix} document {i} says {' '.join(['words'] * (i % 7 + 1))}." for i in range(count)]
+    return [f"{prefix} document {i} says {'words ' * (i % 7 + 1)}." for i in range(count)]
 
 
 def _flat(batch):
@@ -104,7 +104,9 @@ def test_specs_with_one_name_form_one_source(tmp_path):
         ("data", "TextFiles", 1), ("web", "JsonLines", 2)
     ]
     with pytest.raises(DataError, match="the specs named 'web' differ in format or options"):
-        streaming.sources_from_specs([f"web={tmp_path / 'b.jsonl'}", f"web=text:{tmp_path / 'a.txt'}"])
+        streaming.sources_from_specs(
+            [f"web={tmp_path / 'b.jsonl'}", f"web=text:{tmp_path / 'a.txt'}"]
+        )
 
 
 def _data(tokenizer, source_list, **kwargs):
@@ -147,7 +149,10 @@ def test_held_out_documents_never_reach_training(tokenizer):
 def test_held_out_set_is_bounded_and_shared_by_weight(tokenizer):
     data = _data(
         tokenizer,
-        [sources.DocumentList(_documents("a", 400), "a"), sources.DocumentList(_documents("b", 400), "b")],
+        [
+            sources.DocumentList(_documents("a", 400), "a"),
+            sources.DocumentList(_documents("b", 400), "b"),
+        ],
         weights=[3, 1],
         held_out_documents=20,
     )
@@ -156,11 +161,14 @@ def test_held_out_set_is_bounded_and_shared_by_weight(tokenizer):
 
 
 def test_mixture_weights_are_shares_of_rows(tokenizer):
-    alpha_ids = set(np.asarray(tokenizer("alpha alpha")).tolist()) - set(np.asarray(tokenizer("omega omega")).tolist())
-    omega_ids = set(np.asarray(tokenizer("omega omega")).tolist()) - set(np.asarray(tokenizer("alpha alpha")).tolist())
+    alpha, omega = (set(np.asarray(tokenizer(f"{w} {w}")).tolist()) for w in ("alpha", "omega"))
+    alpha_ids, omega_ids = alpha - omega, omega - alpha
     data = _data(
         tokenizer,
-        [sources.DocumentList(["alpha " * 40] * 50, "a"), sources.DocumentList(["omega " * 40] * 50, "b")],
+        [
+            sources.DocumentList(["alpha " * 40] * 50, "a"),
+            sources.DocumentList(["omega " * 40] * 50, "b"),
+        ],
         weights=[0.8, 0.2],
         held_out_fraction=0.01,
     )
@@ -238,10 +246,12 @@ def test_resume_continues_exactly_without_reading_again(tokenizer, tmp_path, mon
 
     parsed_lines = []
     parse = sources.JsonLines._parse
-    monkeypatch.setattr(
-        sources.JsonLines, "_parse",
-        lambda self, path, numbers, lines: parsed_lines.append(len(numbers)) or parse(self, path, numbers, lines),
-    )
+
+    def counting_parse(self, path, numbers, lines):
+        parsed_lines.append(len(numbers))
+        return parse(self, path, numbers, lines)
+
+    monkeypatch.setattr(sources.JsonLines, "_parse", counting_parse)
     resumed = _mixed_data(tokenizer, tmp_path).training_iterator(seed=7)
     parsed_when_built = sum(parsed_lines)  # Building checks the first document of each source.
     assert resumed.restore(str(tmp_path / "ckpt")) == 40
@@ -303,13 +313,17 @@ def test_a_bad_line_mid_stream_becomes_a_data_error(tokenizer, tmp_path):
         [str(tmp_path / "a.jsonl")], tokenizer, sequence_length=32, batch_size=4, shuffle_buffer=0
     )
     data.check()  # The start of the file is fine.
-    with pytest.raises(DataError, match=r"a.jsonl: line 601 has no text field 'text' \(found: body\)"):
+    message = r"a.jsonl: line 601 has no text field 'text' \(found: body\)"
+    with pytest.raises(DataError, match=message):
         for _ in data.training_iterator(seed=0):
             pass
 
 
 def test_check_names_an_empty_source(tokenizer):
-    data = _data(tokenizer, [sources.DocumentList(_documents("a", 50), "a"), sources.DocumentList([""] * 5, "blank")])
+    data = _data(
+        tokenizer,
+        [sources.DocumentList(_documents("a", 50), "a"), sources.DocumentList([""] * 5, "blank")],
+    )
     with pytest.raises(DataError, match="blank: no training document with text among its first"):
         data.check()
 

@@ -225,7 +225,7 @@ class QualityClassifier(keras.Model):
         method itself must run eagerly, where the weights can be read)."""
         kernel = np.asarray(self.logistic_regression.kernel, dtype="float32")
         bias = np.asarray(self.logistic_regression.bias, dtype="float32")
-        return lambda documents: self._score(tf.convert_to_tensor(documents, tf.string), kernel, bias)
+        return lambda texts: self._score(tf.convert_to_tensor(texts, tf.string), kernel, bias)
 
     @tf.function(
         input_signature=[
@@ -316,7 +316,8 @@ def filter_documents(documents, classifier, alpha=DEFAULT_ALPHA, seed=0, batch_s
     Example:
 
     >>> classifier = QualityClassifier(num_bins=1024, max_features=64)
-    >>> documents = tf.data.Dataset.from_tensor_slices(["a"] * 4 + [f"doc {i}" for i in range(4000)])
+    >>> texts = ["a"] * 4 + [f"doc {i}" for i in range(4000)]
+    >>> documents = tf.data.Dataset.from_tensor_slices(texts)
     >>> kept = filter_documents(documents, classifier)  # Score 0.5 everywhere: keeps 1.5**-9.
     >>> 60 < sum(1 for _ in kept) < 150
     True
@@ -345,6 +346,10 @@ class FilteredSource(DocumentSource):
 
     def documents(self, num_hosts=1, host_index=0):
         documents = self.source.documents(num_hosts, host_index)
+        return filter_documents(documents, self.classifier, self.alpha, self.seed)
+
+    def first_documents(self, count, num_hosts=1, host_index=0):
+        documents = self.source.first_documents(count, num_hosts, host_index)
         return filter_documents(documents, self.classifier, self.alpha, self.seed)
 
     def check(self):
@@ -492,7 +497,9 @@ def load_quality_classifier(path):
         ValueError: the file is missing or holds another kind of model.
     """
     if not os.path.isfile(path):
-        raise ValueError(f"No quality classifier at {path}: train one with `glam-data train-filter`.")
+        raise ValueError(
+            f"No quality classifier at {path}: train one with `glam-data train-filter`."
+        )
     model = keras.saving.load_model(path)
     if not isinstance(model, QualityClassifier):
         raise ValueError(

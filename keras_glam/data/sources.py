@@ -4,13 +4,15 @@ Every source here yields scalar `tf.string` documents, streaming: nothing holds 
 memory, and each is a plain `tf.data` pipeline whose position can be saved with the training
 checkpoint (`tf.train.Checkpoint(iterator=...)`, see `keras_glam.data.streaming`).
 
-| format | documents | reader |
-|---|---|---|
-| `TextFiles` | paragraphs, lines or whole files of UTF-8 text | `tf.data.TextLineDataset` |
-| `JsonLines` | one JSON object per line, its text in a named field | `TextLineDataset` + `json` |
-| `ParquetFiles` | one row per document, its text in a named column | `pyarrow`, a slice at a time |
-| `TFRecordFiles` | one `tf.train.Example` per document, its text in a named feature | `tf.data.TFRecordDataset` |
-| `HuggingFaceDataset` | one example per document (`datasets.Dataset` or, with `streaming=True`, `datasets.IterableDataset`) | `datasets` |
+- `TextFiles`: paragraphs, lines or whole files of UTF-8 text (`tf.data.TextLineDataset`);
+- `JsonLines`: one JSON object per line, the text in a named field (`TextLineDataset`, `json`);
+- `ParquetFiles`: one row per document, the text in a named column (`pyarrow`, a slice at a
+  time);
+- `TFRecordFiles`: one `tf.train.Example` per document, the text in a named bytes feature
+  (`tf.data.TFRecordDataset`);
+- `HuggingFaceDataset`: one example per document of a `datasets.Dataset`, or of a
+  `datasets.IterableDataset` (`streaming=True`);
+- `DocumentList`: a list of `str` in memory.
 
 File sources take paths or glob patterns (every pattern must match a file), read their files in
 sorted order and interleave a few of them at a time (deterministically); `.gz` files are
@@ -73,7 +75,8 @@ def expand_paths(paths, what="data"):
     files = []
     for pattern in paths:
         pattern = os.fspath(pattern)
-        matches = [path for path in sorted(tf.io.gfile.glob(pattern)) if not tf.io.gfile.isdir(path)]
+        matches = sorted(tf.io.gfile.glob(pattern))
+        matches = [path for path in matches if not tf.io.gfile.isdir(path)]
         if not matches:
             raise DataError(f"{what}: no file matches {pattern!r}. Check the path or glob pattern.")
         files.extend(matches)
@@ -240,6 +243,11 @@ class DocumentSource:
             A `tf.data.Dataset` of scalar `tf.string`.
         """
         raise NotImplementedError
+
+    def first_documents(self, count, num_hosts=1, host_index=0):
+        """What this host's first `count` documents give: a bounded read (a filtering source
+        may give fewer)."""
+        return self.documents(num_hosts, host_index).take(count)
 
     def check(self):
         """Read the start of the source and raise `DataError` for what is wrong there."""
@@ -411,7 +419,8 @@ class TextFiles(FileSource):
         try:
             decoder.decode(prefix)  # A character cut at the end of the prefix is not an error.
         except UnicodeDecodeError as error:
-            raise _not_utf8(path, "the file", error.start, prefix[error.start : error.end]) from None
+            bad_bytes = prefix[error.start : error.end]
+            raise _not_utf8(path, "the file", error.start, bad_bytes) from None
 
 
 def _text_compression(path):
@@ -761,7 +770,8 @@ class HuggingFaceDataset(DocumentSource):
         _check_host(num_hosts, host_index)
         if self.streaming:
             return self._streamed(num_hosts, host_index)
-        starts = np.arange(0, len(self.dataset), PYTHON_BATCH, dtype=np.int64)[host_index::num_hosts]
+        starts = np.arange(0, len(self.dataset), PYTHON_BATCH, dtype=np.int64)
+        starts = starts[host_index::num_hosts]
         read = lambda start: tf.ensure_shape(
             tf.py_function(self._read_rows, [start], Tout=tf.string), [None]
         )

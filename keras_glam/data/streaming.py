@@ -379,7 +379,9 @@ class StreamingData:
         self.host_index = host_index
 
     @classmethod
-    def from_specs(cls, specs, tokenizer, mixture=None, document_boundary="blank_line", seed=0, **kwargs):
+    def from_specs(
+        cls, specs, tokenizer, mixture=None, document_boundary="blank_line", seed=0, **kwargs
+    ):
         """`StreamingData` from `--data` specs and an optional `--mixture` string or dict.
 
         Sources with weight 0 are left out. `seed` seeds the quality filters' draws;
@@ -394,8 +396,9 @@ class StreamingData:
 
     def split_documents(self, source, held_out=False):
         """This host's training (or held-out) documents of `source`, in its order."""
-        documents = source.documents(self.num_hosts, self.host_index)
+        return self._split(source.documents(self.num_hosts, self.host_index), held_out)
 
+    def _split(self, documents, held_out):
         def select(texts):
             in_split = sources_lib.held_out_mask(texts, self.held_out_fraction)
             return tf.boolean_mask(texts, in_split if held_out else tf.logical_not(in_split))
@@ -405,14 +408,16 @@ class StreamingData:
 
     def check(self, max_documents=1000):
         """Checks every source before training: its start (`DocumentSource.check`), and that
-        its first `max_documents` training documents (after a quality filter) hold text.
+        its first `max_documents` documents leave a training document with text after the
+        held-out split and any quality filter (a bounded read).
 
         Raises:
             DataError: naming the source and what is wrong.
         """
         for source in self.sources:
             source.check()
-            documents = self.split_documents(source, held_out=False).take(max_documents)
+            first = source.first_documents(max_documents, self.num_hosts, self.host_index)
+            documents = self._split(first, held_out=False)
             try:
                 has_text = documents.filter(lambda text: tf.strings.length(text) > 0)
                 found = any(True for _ in has_text.take(1))
@@ -537,10 +542,11 @@ class DataIterator:
     """An iterator over an endless `tf.data` dataset of batches that can be saved and restored.
 
     Keras' `fit` (and KerasHub's prefetching) pulls a few batches ahead of the step it
-    trains; the iterator keeps the last `window` batches, so that saving at the trained position stores
-    the `tf.data` iterator's state (at the batch last pulled) plus the batches pulled beyond
-    the trained position, and a restored iterator hands those out first. `rewind` goes back
-    to a position still in the window (a new `fit` call after the previous one pulled ahead).
+    trains; the iterator keeps the last `window` batches, so that saving at the trained
+    position stores the `tf.data` iterator's state (at the batch last pulled) plus the batches
+    pulled beyond the trained position, and a restored iterator hands those out first.
+    `rewind` goes back to a position still in the window (a new `fit` call after the previous
+    one pulled ahead).
 
     Batches are NumPy structures. A data error raised by the pipeline becomes a `DataError`
     with one line naming the file (see `keras_glam.data.sources`).

@@ -83,11 +83,11 @@ class BatchedGenerator:
         prompts = [self._truncated(list(prompt), longest_prompt) for prompt in prompts]
         texts = [None] * len(prompts)
         # A batch decodes from its shortest prompt on, re-reading the longer prompts' tokens:
-        # a spread of a quarter of the new tokens costs at most a quarter more steps. keras-hub's
+        # a spread of half the new tokens costs at most half more steps. keras-hub's
         # BeamSampler ranks beams by the top candidates' log-probabilities also where a longer
         # prompt's token is forced, so a row's beams would depend on its neighbours: beam
         # batches hold prompts of one length.
-        max_spread = max(4, max_new_tokens // 4) if num_beams == 1 else 0
+        max_spread = max(8, max_new_tokens // 2) if num_beams == 1 else 0
         for batch in self._batches(prompts, max_spread):
             batch_prompts = [prompts[index] for index in batch]
             if num_beams == 1:
@@ -141,7 +141,11 @@ class BatchedGenerator:
         The width is `padded_width` of the longest prompt plus `max_new_tokens`, or exactly that
         sum with `exact_width` (a beam search picks its best beam at the buffer's end).
         """
-        num_rows = min(self.batch_size, 1 << (len(prompts) - 1).bit_length())
+        # Row counts rounded up to a multiple of 4 (or a power of two below): few shapes to
+        # compile, at most 3 spare rows decoded for nothing.
+        num_rows = min(
+            self.batch_size, -(-len(prompts) // 4) * 4, 1 << (len(prompts) - 1).bit_length()
+        )
         width = max(map(len, prompts)) + max_new_tokens
         if not exact_width:
             width = padded_width(width, self.max_length)
@@ -263,4 +267,3 @@ def _cut_at_stop(text, stop):
     for stop_text in stop:
         text = text.split(stop_text)[0]
     return text
-

@@ -109,13 +109,17 @@ class GLaMLM(TemplateLM):
         # distinct strings in one call first is several times faster.
         strings = set()
         for context, continuation in (request.args for request in requests):
-            stripped = context.rstrip(" ")  # lm-eval's split: trailing spaces move on.
+            stripped = context.rstrip()  # lm-eval's split: trailing whitespace moves on.
             strings.update((stripped, context + continuation) if context else (continuation,))
         strings = sorted(string for string in strings if string)
-        self._prefetched = {
-            string: [int(token) for token in token_ids]
-            for string, token_ids in zip(strings, self.glam_tokenizer.tokenize(strings))
-        } if strings else {}
+        self._prefetched = (
+            {
+                string: [int(token) for token in token_ids]
+                for string, token_ids in zip(strings, self.glam_tokenizer.tokenize(strings))
+            }
+            if strings
+            else {}
+        )
         try:
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
         finally:
@@ -136,7 +140,9 @@ class GLaMLM(TemplateLM):
             return self.scorer.score(pairs, progress=bar.update)
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):
-        documents = [self.tok_encode(request.args[0], add_special_tokens=False) for request in requests]
+        documents = [
+            self.tok_encode(request.args[0], add_special_tokens=False) for request in requests
+        ]
         with tqdm(total=len(documents), disable=disable_tqdm, desc="Scoring documents") as bar:
             totals = self.scorer.score_documents(documents, self.prefix_token_id)
             bar.update(len(documents))

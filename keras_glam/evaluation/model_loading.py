@@ -42,10 +42,9 @@ def load_causal_lm(model):
         causal_lm = model
     elif isinstance(model, (str, os.PathLike)):
         handle = os.fspath(model)
-        if (
-            presets.builtin_preset_directory(handle) is not None
-            and not presets.builtin_preset_has_tokenizer(handle)
-        ):
+        if presets.builtin_preset_directory(
+            handle
+        ) is not None and not presets.builtin_preset_has_tokenizer(handle):
             raise _no_tokenizer_error(handle)
         causal_lm = GLaMCausalLM.from_preset(handle)
     else:

@@ -54,7 +54,9 @@ def add_acc_per_token(results, tasks, lm):
 
 def _gold_indices(task, doc):
     """The right options' indices, as lm-eval's `process_results` derives them."""
-    gold = task.doc_to_text(doc) if getattr(task, "multiple_input", False) else task.doc_to_target(doc)
+    gold = (
+        task.doc_to_text(doc) if getattr(task, "multiple_input", False) else task.doc_to_target(doc)
+    )
     choices = task.doc_to_choice(doc)
     golds = gold if isinstance(gold, list) else [gold]
     return {choices.index(g) if isinstance(g, str) and g in choices else g for g in golds}
@@ -69,8 +71,11 @@ def _stderr(values):
 def metric_value(task_results, metric):
     """The value of `metric` in one task's lm-eval results (any filter, "none" first), or None."""
     keys = [
-        key for key in task_results
-        if key.split(",")[0] == metric and "," in key and isinstance(task_results[key], (int, float))
+        key
+        for key in task_results
+        if key.split(",")[0] == metric
+        and "," in key
+        and isinstance(task_results[key], (int, float))
     ]
     keys.sort(key=lambda key: key != f"{metric},none")
     return float(task_results[keys[0]]) if keys else None
@@ -151,10 +156,14 @@ def markdown_report(runs, missing, model_name):
     for category, rows in category_rows.items():
         for task, scores in rows:
             cells = [_cell(scores.get(setting)) for setting in settings]
-            lines.append(f"| {category} | {task} | {scores['metric']} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {category} | {task} | {scores['metric']} | " + " | ".join(cells) + " |"
+            )
         averages = [_mean([scores.get(setting) for _, scores in rows]) for setting in settings]
         lines.append(
-            f"| **{category}** | **average** | | " + " | ".join(_cell(a, bold=True) for a in averages) + " |"
+            f"| **{category}** | **average** | | "
+            + " | ".join(_cell(a, bold=True) for a in averages)
+            + " |"
         )
     overall = [_mean([scores.get(setting) for scores in table.values()]) for setting in settings]
     lines.append(
@@ -167,17 +176,23 @@ def markdown_report(runs, missing, model_name):
         lines.append(f"| {label} | average of 29 tasks | | " + " | ".join(cells) + " |")
     lines.append("")
     if missing:
-        lines.append("Not evaluated (missing): " + "; ".join(f"{m.name} ({m.reason})" for m in missing) + ".")
+        lines.append(
+            "Not evaluated (missing): " + "; ".join(f"{m.name} ({m.reason})" for m in missing) + "."
+        )
         lines.append("")
     lines += _nlu_metrics_table(runs, settings)
     return "\n".join(lines)
 
 
 def _nlu_metrics_table(runs, settings):
-    names = sorted({
-        name for run in runs for name, values in run["results"].items()
-        if metric_value(values, glam_suite.ACC_PER_TOKEN) is not None
-    })
+    names = sorted(
+        {
+            name
+            for run in runs
+            for name, values in run["results"].items()
+            if metric_value(values, glam_suite.ACC_PER_TOKEN) is not None
+        }
+    )
     if not names:
         return []
     metrics = (glam_suite.ACC_PER_TOKEN, "acc", "acc_norm")
@@ -193,7 +208,9 @@ def _nlu_metrics_table(runs, settings):
             if values is None:
                 continue
             cells = [_cell(_percent(metric_value(values, metric))) for metric in metrics]
-            lines.append(f"| {name} | {setting_label(run_fewshot(run))} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {name} | {setting_label(run_fewshot(run))} | " + " | ".join(cells) + " |"
+            )
     lines.append("")
     return lines
 

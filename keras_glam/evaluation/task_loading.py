@@ -98,7 +98,9 @@ class TaskSelection:
             source = f"the Hub dataset {spec['class'].DATASET_PATH}"
         else:
             source = f"the Hub dataset {spec.get('dataset_path')}"
-        looked = f"no local files ({_expected_files(self.data_dir, spec)}) and " if self.data_dir else ""
+        looked = (
+            f"no local files ({_expected_files(self.data_dir, spec)}) and " if self.data_dir else ""
+        )
         return (
             f"Task '{name}': {looked}{source} cannot be fetched ({detail}). Put its splits into "
             f"{os.path.join(self.data_dir or 'DATA_DIR', name)}/ (JSON lines, Parquet or Arrow) "
@@ -149,7 +151,9 @@ def select_tasks(names, data_dir=None):
         raise TaskSelectionError(_unknown_names_message(unknown))
     if data_dir is not None:
         specs = [_with_local_data(spec, data_dir) for spec in specs]
-    return TaskSelection(specs=_deduplicated(specs), missing=_deduplicated(missing), data_dir=data_dir)
+    return TaskSelection(
+        specs=_deduplicated(specs), missing=_deduplicated(missing), data_dir=data_dir
+    )
 
 
 def go_offline():
@@ -226,7 +230,9 @@ def _lm_eval_names():
             else:
                 groups.add(value)
         for block in listed.findall(text):
-            groups.update(item.strip().lstrip("-").strip().strip("\"'") for item in block.splitlines())
+            groups.update(
+                item.strip().lstrip("-").strip().strip("\"'") for item in block.splitlines()
+            )
     return tasks, groups
 
 
@@ -255,9 +261,7 @@ def _expected_files(data_dir, spec):
     name = spec if isinstance(spec, str) else spec["task"]
     splits = DEFAULT_SPLITS if isinstance(spec, str) else _split_names(spec)
     suffixes = "|".join(DATA_FORMATS)
-    return ", ".join(
-        os.path.join(data_dir, name, f"{split}{{{suffixes}}}") for split in splits
-    )
+    return ", ".join(os.path.join(data_dir, name, f"{split}{{{suffixes}}}") for split in splits)
 
 
 def _local_files(data_dir, task_name, splits):

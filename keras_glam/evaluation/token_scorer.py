@@ -227,7 +227,9 @@ class TokenScorer:
                 bool(greedy[row_index, end] - greedy[row_index, start] == end - start),
             )
 
-    def _forward(self, trainable_variables, non_trainable_variables, token_ids, segment_ids, targets):
+    def _forward(
+        self, trainable_variables, non_trainable_variables, token_ids, segment_ids, targets
+    ):
         logits, _ = self.causal_lm.stateless_call(
             trainable_variables,
             non_trainable_variables,

@@ -16,6 +16,7 @@ from keras_glam.hub.checkpoint_sync import CheckpointPusher
 from keras_glam.hub.checkpoint_sync import CheckpointRepository
 from keras_glam.hub.checkpoint_sync import PushJob
 from keras_glam.hub.checkpoint_sync import incomplete_repository_error
+from keras_glam.hub.model_card import read_eval_results
 from keras_glam.hub.publish import check_branch_revision
 from keras_glam.training.callbacks import CheckpointObserver
 from keras_glam.training.checkpointing import CheckpointManager
@@ -81,6 +82,9 @@ class HubCheckpoint(CheckpointObserver):
         training_data: what the model is trained on, for the model card.
         description: the model card's introduction; a default describes a training checkpoint.
         license: the licence identifier for the model card.
+        eval_results: the `results.json` of `glam-eval` (a path or its parsed dict); its scores
+            go into every pushed card's `model-index` and "Evaluation" table. Read when the
+            callback is built, so a bad file fails before training.
         max_retries: retries per request on transient failures before a pause.
         initial_retry_delay: seconds before the first retry; doubles after each.
         max_retry_delay: cap on the wait between retries, and the pause between two rounds.
@@ -115,6 +119,7 @@ class HubCheckpoint(CheckpointObserver):
         training_data=None,
         description=None,
         license="apache-2.0",  # noqa: A002 - the model-card field's name
+        eval_results=None,
         max_retries=4,
         initial_retry_delay=1.0,
         max_retry_delay=30.0,
@@ -137,6 +142,8 @@ class HubCheckpoint(CheckpointObserver):
         if not flush_timeout >= 0:
             raise ValueError(f"`flush_timeout` must be >= 0 seconds. Received: {flush_timeout!r}")
         check_branch_revision(revision)
+        if eval_results is not None:
+            eval_results = read_eval_results(eval_results)
         token = resolve_token(token)
         access = check_write_access(
             handle, token=token, max_retries=max_retries, initial_retry_delay=initial_retry_delay
@@ -157,6 +164,7 @@ class HubCheckpoint(CheckpointObserver):
                 "training_data": training_data,
                 "description": description,
                 "license": license,
+                "eval_results": eval_results,
             },
             max_retries=max_retries,
             initial_retry_delay=initial_retry_delay,

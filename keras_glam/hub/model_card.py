@@ -8,7 +8,7 @@ from huggingface_hub import EvalResult
 from huggingface_hub import ModelCardData
 
 from keras_glam.hub.auth import parse_hf_handle
-from keras_glam.models.parameter_count import is_moe_layer
+from keras_glam.models.architecture import is_moe_layer
 
 CARD_TAGS = ("keras", "glam", "mixture-of-experts")
 # `datasets` builders of local task data: no Hub dataset to link to.

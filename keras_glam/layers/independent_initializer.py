@@ -1,9 +1,11 @@
 """One initializer per weight, so that weights sharing an initializer argument are drawn apart."""
 
+import zlib
+
 import keras
 
 
-def independent_initializer(identifier, seed_offset=0):
+def independent_initializer(identifier, weight_name):
     """A new initializer like `identifier` for one weight, drawing values of its own.
 
     A Keras random initializer built with `seed=None` fixes a concrete seed when it is
@@ -11,13 +13,15 @@ def independent_initializer(identifier, seed_offset=0):
     makes), so one instance given to two weights of equal size draws the same numbers twice: the
     second starts as a scaled copy of the first. Each weight therefore gets its own instance,
     rebuilt from the configuration. An unseeded initializer picks a new seed (reproducible under
-    `keras.utils.set_random_seed`); a fixed integer seed is shifted by `seed_offset`, so the
-    weights of one layer still differ and stay reproducible; an initializer seeded with a
+    `keras.utils.set_random_seed`); a fixed integer seed is shifted by a number derived from
+    `weight_name` (JAX's random bits depend on the seed and the flat index only, so two weights
+    of any shapes drawn with one seed share their leading values), so the weights of one layer
+    still differ and stay reproducible; an initializer seeded with a
     `keras.random.SeedGenerator` is returned as is, since the generator advances on every draw.
 
     Args:
         identifier: an initializer, its name or its serialized config.
-        seed_offset: int added to a fixed integer seed; give each weight of a layer its own.
+        weight_name: the weight's name within its layer ("expert_wi", "router", ...).
 
     Returns:
         A `keras.initializers.Initializer`.
@@ -25,8 +29,8 @@ def independent_initializer(identifier, seed_offset=0):
     Example:
 
     >>> shared = keras.initializers.LecunUniform()
-    >>> first = independent_initializer(shared)((4, 4))
-    >>> second = independent_initializer(shared)((4, 4))
+    >>> first = independent_initializer(shared, "wi")((4, 4))
+    >>> second = independent_initializer(shared, "wo")((4, 4))
     >>> bool((first != second).any())
     True
     """
@@ -36,5 +40,5 @@ def independent_initializer(identifier, seed_offset=0):
     if seed is not None and not isinstance(seed, int):
         return initializer
     if seed is not None:
-        config["seed"] = seed + seed_offset
+        config["seed"] = (seed + zlib.crc32(weight_name.encode())) % 2**31
     return initializer.__class__.from_config(config)

@@ -88,7 +88,8 @@ class MoEFeedForward(keras.layers.Layer):
             with standard deviation `fan_in^-1/2` (`M^-1/2` for `Wi`, `H^-1/2` for `Wo`), as
             lingvo's `gshard_builder` and praxis' `TransformerFeedForwardMoe`. `Wi` and `Wo` are
             drawn independently, each from its own copy (`independent_initializer`: a fixed
-            integer seed `s` seeds `Wi` with `s` and `Wo` with `s + 1`).
+            integer seed is shifted by a number derived from each weight's name, so `Wi`, `Wo`
+            and the router differ even when given one seeded initializer).
         router_initializer: initializer of the router kernel, default as above (`M^-1/2`).
         **kwargs: base layer arguments (`name`, `dtype`, ...).
 
@@ -161,7 +162,7 @@ class MoEFeedForward(keras.layers.Layer):
         self.expert_wi = ExpertEinsumDense(
             "egcm,emh->egch",
             output_shape=(None, None, self.intermediate_dim),
-            kernel_initializer=independent_initializer(self.kernel_initializer, seed_offset=0),
+            kernel_initializer=independent_initializer(self.kernel_initializer, "expert_wi"),
             dtype=self.dtype_policy,
             name="expert_wi",
         )
@@ -169,7 +170,7 @@ class MoEFeedForward(keras.layers.Layer):
         self.expert_wo = ExpertEinsumDense(
             "egch,ehm->egcm",
             output_shape=(None, None, model_dim),
-            kernel_initializer=independent_initializer(self.kernel_initializer, seed_offset=1),
+            kernel_initializer=independent_initializer(self.kernel_initializer, "expert_wo"),
             dtype=self.dtype_policy,
             name="expert_wo",
         )

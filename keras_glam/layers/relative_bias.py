@@ -122,7 +122,7 @@ class RelativeBias(keras.layers.Layer):
                 stddev=(self.num_heads * self.num_buckets) ** -0.5
             )
         else:
-            initializer = independent_initializer(self.initializer)
+            initializer = independent_initializer(self.initializer, "table")
         # The bias is added to float32 logits, so the table is never autocast to bf16.
         self.table = self.add_weight(
             name="table",

@@ -283,7 +283,7 @@ class TopKRouter(keras.layers.Layer):
         self.kernel = self.add_weight(
             name="kernel",
             shape=(input_shape[-1], self.num_experts),
-            initializer=independent_initializer(self.kernel_initializer),
+            initializer=independent_initializer(self.kernel_initializer, "router"),
             dtype="float32",
         )
 

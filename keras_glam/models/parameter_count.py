@@ -1,7 +1,6 @@
 """Exact GLaM parameter counts from a config, without allocating a single weight."""
 
 from keras_glam.models.architecture import elements_per_token
-from keras_glam.models.architecture import is_moe_layer  # noqa: F401 (its older home)
 from keras_glam.models.architecture import resolve_config
 from keras_glam.models.architecture import weight_shapes
 

@@ -38,6 +38,7 @@ from keras_glam.models.glam_tokenizer import GLaMTokenizer
 from keras_glam.models.parameter_count import count_params
 from keras_glam.optimizers.recipe import glam_optimizer
 from keras_glam.training.callbacks import skipped_steps
+from keras_glam.training.compute_meter import ComputeMeter
 from keras_glam.training.plots import plot_training
 from keras_glam.training.trainer import Trainer
 from keras_glam.utils.atomic_files import replacing
@@ -75,6 +76,8 @@ def check_job(job):
         raise ValueError(f"--learning-rate must be positive, got {job.learning_rate}.")
     if not 0 < job.held_out_fraction < 1:
         raise ValueError(f"--held-out-fraction must be in (0, 1), got {job.held_out_fraction}.")
+    if job.peak_tflops is not None and not job.peak_tflops > 0:
+        raise ValueError(f"--peak-tflops must be positive, got {job.peak_tflops}.")
     if job.keep_checkpoints < 1:
         raise ValueError(f"--keep-checkpoints must be at least 1, got {job.keep_checkpoints}.")
     checkpoints = os.path.join(job.output, "checkpoints")
@@ -389,6 +392,10 @@ def train(job, data):
         f"held-out documents ({data.train_tokens:,} training tokens); {job.steps} steps of "
         f"{job.batch_size} x {job.sequence_length} tokens."
     )
+    meter = ComputeMeter.for_glam(
+        lm, job.batch_size, job.sequence_length,
+        peak_flops_per_device=job.peak_tflops and job.peak_tflops * 1e12,
+    )
     trainer = Trainer(
         lm,
         data.make_dataset,
@@ -399,7 +406,7 @@ def train(job, data):
         seed=job.seed,
         validation_data=data.held_out,
         resume=job.resume,
-        callbacks=_tensorboard_callbacks(job.output),
+        callbacks=[meter, *_tensorboard_callbacks(job.output)],
         verbose=job.verbose if job.verbose == "auto" else min(job.verbose, 2),
     )
     start = time.perf_counter()
@@ -434,6 +441,7 @@ def train(job, data):
         "sequence_length": job.sequence_length,
         "batch_size": job.batch_size,
         "samples": samples,
+        **meter.summary(),
     }
     write_json_atomically(os.path.join(job.output, "metrics.json"), metrics, sort_keys=True)
     print_report(metrics, job)
@@ -483,6 +491,12 @@ def print_report(metrics, job):
         f"Tokens seen: {metrics['tokens_seen']:,} in {metrics['steps']} steps, "
         f"{metrics['tokens_per_second']:,.0f} tokens/s, {metrics['skipped_steps']} skipped steps, "
         f"{metrics['rollbacks']} rollbacks."
+    )
+    mfu_key = "mfu" if "mfu" in metrics else "mfu_vs_measured_peak"
+    print(
+        f"Model FLOPs: {metrics['tflops_per_device'] * 1e3:,.1f} GFLOP/s per device, MFU "
+        f"{metrics[mfu_key]:.1%} of {metrics['peak_tflops_per_device'] * 1e3:,.1f} GFLOP/s "
+        f"({metrics['peak_source']})."
     )
     for sample in metrics["samples"]:
         print("-" * 72)
