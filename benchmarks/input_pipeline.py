@@ -153,8 +153,8 @@ def memory_run(corpus, out, args):
     start = time.perf_counter()
     documents = 0
     for source in data.sources:
-        for _ in data.split_documents(source, held_out=False).batch(1024).as_numpy_iterator():
-            documents += 1024
+        for batch in data.split_documents(source, held_out=False).batch(1024).as_numpy_iterator():
+            documents += len(batch)
     documents_seconds = time.perf_counter() - start
     iterator = data.training_iterator(seed=0)
     for _ in range(args.memory_batches):

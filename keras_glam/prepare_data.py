@@ -154,6 +154,7 @@ def _documents(specs, max_documents):
 def train_filter(args):
     """`glam-data train-filter`: returns the metrics dict."""
     from keras_glam.data.quality import QualityClassifier
+    from keras_glam.data.quality import QualityFeatures
     from keras_glam.data.quality import train_quality_classifier
 
     if not args.output.endswith(".keras"):
@@ -161,7 +162,8 @@ def train_filter(args):
     _check_new_output(args.output, is_directory=False)
     positive, positive_sources = _documents(args.positive, args.max_documents)
     negative, negative_sources = _documents(args.negative, args.max_documents)
-    classifier = QualityClassifier(num_bins=args.num_bins, max_features=args.max_features)
+    features = QualityFeatures(num_bins=args.num_bins, max_features=args.max_features)
+    classifier = QualityClassifier(features)
     classifier, metrics = _reading(
         positive_sources + negative_sources,
         lambda: train_quality_classifier(

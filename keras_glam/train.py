@@ -218,7 +218,18 @@ def run(job):
     """The whole main job in this process (`keras_glam.training.job.run`); returns the metrics."""
     from keras_glam.training import job as main_job
 
-    return main_job.run(job)
+    return main_job.run(job, mesh_distribution(job))
+
+
+def mesh_distribution(job):
+    """The distribution of `--mesh` for the job's batch and preset, or None without a mesh."""
+    if job.mesh is None:
+        return None
+    from keras_glam.distribution import mesh_distribution as distribution_of_mesh
+    from keras_glam.models.presets import local_backbone_config
+
+    num_experts = local_backbone_config(job.preset).get("num_experts")
+    return distribution_of_mesh(job.mesh, job.batch_size, num_experts)
 
 
 def main(argv=None):
@@ -238,7 +249,7 @@ def main(argv=None):
             # Imported here, after the arguments and the log levels: `--help` needs none of it.
             from keras_glam.training import job as main_job
 
-            data = main_job.prepare(job)
+            data = main_job.prepare(job, mesh_distribution(job))
         main_job.train(job, data)
     except KeyboardInterrupt:
         print(

@@ -82,7 +82,8 @@ def test_draws_depend_on_the_text_and_seed_only():
 
 def _trained_classifier():
     keras.utils.set_random_seed(0)
-    classifier = quality.QualityClassifier(num_bins=2**12, max_features=64)
+    features = quality.QualityFeatures(num_bins=2**12, max_features=64)
+    classifier = quality.QualityClassifier(features)
     positive = tf.data.Dataset.from_tensor_slices([f"{t} ({i})" for i, t in enumerate(CURATED)])
     negative = tf.data.Dataset.from_tensor_slices([f"{t} ({i})" for i, t in enumerate(JUNK)])
     return quality.train_quality_classifier(
@@ -166,5 +167,7 @@ def test_training_needs_both_classes_in_both_splits():
     negative = tf.data.Dataset.from_tensor_slices(JUNK)
     with pytest.raises(ValueError, match="positive documents have no (train|validation) document"):
         quality.train_quality_classifier(
-            positive, negative, classifier=quality.QualityClassifier(num_bins=64, max_features=8)
+            positive,
+            negative,
+            classifier=quality.QualityClassifier({"num_bins": 64, "max_features": 8}),
         )

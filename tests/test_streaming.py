@@ -109,6 +109,19 @@ def test_specs_with_one_name_form_one_source(tmp_path):
         )
 
 
+def test_hugging_face_and_quality_specs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "a.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n')
+    spec = f"news=hf,data_files={tmp_path / 'a.jsonl'},field=body,streaming=true:json"
+    (news,) = streaming.sources_from_specs([spec])
+    assert (news.name, news.streaming) == ("news", True)
+    assert [t.decode() for t in news.documents().as_numpy_iterator()] == ["one", "two"]
+    with pytest.raises(DataError, match="web: quality filter: No quality classifier at"):
+        streaming.sources_from_specs(
+            [f"web=jsonl,quality={tmp_path / 'none.keras'}:{tmp_path / 'a.jsonl'}"]
+        )
+
+
 def _data(tokenizer, source_list, **kwargs):
     settings = {"sequence_length": 32, "batch_size": 4, "held_out_fraction": 0.2,
                 "shuffle_buffer": 64}
@@ -326,6 +339,18 @@ def test_check_names_an_empty_source(tokenizer):
     )
     with pytest.raises(DataError, match="blank: no training document with text among its first"):
         data.check()
+
+
+def test_check_names_a_source_the_filter_empties(tokenizer):
+    from keras_glam.data.quality import FilteredSource
+    from keras_glam.data.quality import QualityClassifier
+
+    untrained = QualityClassifier({"num_bins": 64, "max_features": 8})  # Every score is 0.5:
+    # P(keep) = 1.5 ** -1000 with alpha 1000.
+    web = FilteredSource(sources.DocumentList(_documents("w", 80), "web"), untrained, alpha=1000)
+    data = _data(tokenizer, [sources.DocumentList(_documents("a", 50), "a"), web])
+    with pytest.raises(DataError, match="web: no training document with text among its first 60"):
+        data.check(max_documents=60)
 
 
 def test_no_held_out_document_is_a_data_error(tokenizer):

@@ -425,7 +425,7 @@ def test_a_diverged_run_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_an_interrupted_run_says_how_to_continue(tmp_path, capsys, monkeypatch):
-    def interrupted(job):
+    def interrupted(job, distribution):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(main_job, "prepare", interrupted)

@@ -173,40 +173,26 @@ class QualityClassifier(keras.Model):
     probability with TensorFlow ops, for use inside `tf.data`.
 
     Args:
-        num_bins, ngram_widths, max_words, max_features, sublinear_tf, normalize: the
-            `QualityFeatures` settings.
+        features: the `QualityFeatures` (or their config dict). Defaults to
+            `QualityFeatures()`: 2**18 buckets of word 1- and 2-grams.
 
     Example:
 
-    >>> classifier = QualityClassifier(num_bins=1024, max_features=64)
+    >>> classifier = QualityClassifier(QualityFeatures(num_bins=1024, max_features=64))
     >>> scores = classifier.score(tf.constant(["A curated sentence.", "buy buy buy"]))
     >>> [round(float(s), 2) for s in scores]  # Untrained: the bias and kernel start at 0.
     [0.5, 0.5]
     """
 
-    def __init__(
-        self,
-        num_bins=2**18,
-        ngram_widths=(1, 2),
-        max_words=4096,
-        max_features=4096,
-        sublinear_tf=True,
-        normalize=True,
-        **kwargs,
-    ):
+    def __init__(self, features=None, **kwargs):
         super().__init__(**kwargs)
-        self.features = QualityFeatures(
-            num_bins=num_bins,
-            ngram_widths=ngram_widths,
-            max_words=max_words,
-            max_features=max_features,
-            sublinear_tf=sublinear_tf,
-            normalize=normalize,
-        )
+        if isinstance(features, dict):
+            features = QualityFeatures(**features)
+        self.features = features or QualityFeatures()
         self.logistic_regression = keras.layers.Dense(
             1, activation="sigmoid", kernel_initializer="zeros", name="logistic_regression"
         )
-        self.logistic_regression.build((None, num_bins))
+        self.logistic_regression.build((None, self.features.num_bins))
         self.built = True
 
     def call(self, features):
@@ -241,7 +227,7 @@ class QualityClassifier(keras.Model):
         return tf.sigmoid(logits)
 
     def get_config(self):
-        return {"name": self.name, **self.features.get_config()}
+        return {"name": self.name, "features": self.features.get_config()}
 
 
 def keep_probability(score, alpha=DEFAULT_ALPHA):
@@ -315,7 +301,7 @@ def filter_documents(documents, classifier, alpha=DEFAULT_ALPHA, seed=0, batch_s
 
     Example:
 
-    >>> classifier = QualityClassifier(num_bins=1024, max_features=64)
+    >>> classifier = QualityClassifier(QualityFeatures(num_bins=1024, max_features=64))
     >>> texts = ["a"] * 4 + [f"doc {i}" for i in range(4000)]
     >>> documents = tf.data.Dataset.from_tensor_slices(texts)
     >>> kept = filter_documents(documents, classifier)  # Score 0.5 everywhere: keeps 1.5**-9.
@@ -414,13 +400,14 @@ def train_quality_classifier(
     Raises:
         ValueError: a class has no training or no validation document.
     """
-    classifier = classifier or QualityClassifier()
+    classifier = QualityClassifier() if classifier is None else classifier
     labelled = {
         "positive": _labelled(positive_documents, 1.0, max_documents_per_class),
         "negative": _labelled(negative_documents, 0.0, max_documents_per_class),
     }
     splits = {}
     counts = {}
+
     def validation(text, label):
         # Salted: independent of the language model's held-out split (unsalted).
         return held_out_mask(text, validation_fraction, salt=_VALIDATION_SALT)

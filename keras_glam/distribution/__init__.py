@@ -29,6 +29,7 @@ from keras_glam.distribution.layout_map import unmatched_weights
 from keras_glam.distribution.multihost import gather_to_host
 from keras_glam.distribution.planner import DistributionPlan
 from keras_glam.distribution.planner import parse_mesh_spec
+from keras_glam.distribution.planner import mesh_distribution
 from keras_glam.distribution.planner import plan
 from keras_glam.distribution.planner import propose_mesh
 from keras_glam.models.layout_rules import REPLICATED_WEIGHTS
@@ -54,6 +55,7 @@ __all__ = [
     "num_batch_shards",
     "layout_rules",
     "parse_mesh_spec",
+    "mesh_distribution",
     "plan",
     "propose_mesh",
     "training_bill",

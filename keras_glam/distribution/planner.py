@@ -17,6 +17,7 @@ from keras_glam.distribution.compute_bill import TrainingBill
 from keras_glam.distribution.compute_bill import compute_optimal_size
 from keras_glam.distribution.compute_bill import training_bill
 from keras_glam.distribution.expert_parallel import MESH_AXES
+from keras_glam.distribution.expert_parallel import expert_parallel
 from keras_glam.distribution.expert_parallel import num_batch_shards
 from keras_glam.layers.routing import expert_capacity
 from keras_glam.models.architecture import EMBEDDING
@@ -556,3 +557,40 @@ def propose_mesh(
 
 def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def mesh_distribution(mesh_spec, batch_size, num_experts=None):
+    """The `expert_parallel` distribution of a mesh spec such as "data=2,expert=4", or None.
+
+    Checks that the mesh fits the devices, a global batch of `batch_size` rows and a model of
+    `num_experts` experts (None: dense); raises `ValueError` naming the fix otherwise.
+
+    Args:
+        mesh_spec: "axis=size,..." over `MESH_AXES` (`parse_mesh_spec`), or None.
+        batch_size: global rows per step.
+        num_experts: experts per MoE layer of the model, or None.
+    """
+    if mesh_spec is None:
+        return None
+    axes = parse_mesh_spec(mesh_spec)
+    batch_shards = num_batch_shards(axes)
+    if batch_size % batch_shards:
+        raise ValueError(
+            f"--batch-size {batch_size} cannot be split over the {batch_shards} batch shards "
+            f"of --mesh {mesh_spec} (data x expert): choose a multiple of {batch_shards}."
+        )
+    if num_experts and num_experts % axes.get("expert", 1):
+        raise ValueError(
+            f"--mesh {mesh_spec}: the expert axis must divide the preset's {num_experts} experts."
+        )
+    devices = keras.distribution.list_devices()
+    needed = batch_shards * axes.get("model", 1)
+    if "data" in axes and needed != len(devices):
+        raise ValueError(
+            f"--mesh {mesh_spec} needs {needed} devices, there are {len(devices)}. Leave out "
+            "`data=` to use every device, or on CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} before starting."
+        )
+    return expert_parallel(
+        data=axes.get("data"), expert=axes.get("expert", 1), model=axes.get("model", 1)
+    )

@@ -4,8 +4,8 @@ MFU (model FLOPs utilisation, Chowdhery et al. 2022) is the model's FLOPs per se
 (`keras_glam.models.flops.training_flops_per_token` times tokens per second: the FLOPs the model
 needs, not what the hardware happened to execute) over the device's peak. Peaks are dense
 bfloat16 matmul FLOP/s per chip from the vendors' data sheets (`ACCELERATOR_PEAK_FLOPS`). A CPU
-has no such number: there the meter times one large float32 matmul at start-up and compares with
-that measured rate, and its log key says so (`mfu_vs_measured_peak`).
+has no such number: there the meter times one large float32 matmul when each `fit` starts and
+ends, compares with the best rate measured, and its log key says so (`mfu_vs_measured_peak`).
 """
 
 import math
@@ -175,20 +175,29 @@ class ComputeMeter(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if self.num_devices is None:
             self.num_devices = _devices_in_use()
-        if self.peak_flops_per_device is not None:
-            return
-        platform, kind = _device_kind()
-        peak = peak_flops_per_chip(kind) if platform != "cpu" else None
-        if peak is not None:
-            self.peak_flops_per_device = peak
-            self.peak_source = f"data sheet: {kind} (bfloat16)"
-            return
+        if self.peak_source is None:
+            platform, kind = _device_kind()
+            peak = peak_flops_per_chip(kind) if platform != "cpu" else None
+            if peak is not None:
+                self.peak_flops_per_device = peak
+                self.peak_source = f"data sheet: {kind} (bfloat16)"
+                return
+            self.peak_source = (
+                f"measured: {self.measure_size}x{self.measure_size} float32 matmul on {kind}"
+            )
+        if self.mfu_key == "mfu_vs_measured_peak":
+            self._measure_peak()
+
+    def on_train_end(self, logs=None):
+        if self.mfu_key == "mfu_vs_measured_peak":
+            self._measure_peak()
+
+    def _measure_peak(self):
+        """Time the matmul again and keep the best rate seen: on a shared machine one timing can
+        catch other tenants' load and understate the peak (and overstate the MFU)."""
         # The devices of one host share its cores: each gets an equal part of the host's rate.
-        measured = measure_matmul_flops(self.measure_size, clock=self.clock)
-        self.peak_flops_per_device = measured / self.num_devices
-        self.peak_source = (
-            f"measured: {self.measure_size}x{self.measure_size} float32 matmul on {kind}"
-        )
+        measured = measure_matmul_flops(self.measure_size, clock=self.clock) / self.num_devices
+        self.peak_flops_per_device = max(self.peak_flops_per_device or 0.0, measured)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._last_step_end = None

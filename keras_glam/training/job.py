@@ -26,10 +26,9 @@ import tensorflow as tf
 from keras_glam.data.embedded_corpus import pydoc_documents
 from keras_glam.data.embedded_corpus import split_documents
 from keras_glam.data.packing import packed_lm_dataset
+from keras_glam.data.streaming import pad_batches
+from keras_glam.data.streaming import unigram_cross_entropy
 from keras_glam.data.text_sources import text_files
-from keras_glam.distribution import expert_parallel
-from keras_glam.distribution import num_batch_shards
-from keras_glam.distribution import parse_mesh_spec
 from keras_glam.models import presets
 from keras_glam.models.architecture import MIXED_PRECISION_POLICY
 from keras_glam.models.glam_causal_lm import GLaMCausalLM
@@ -121,37 +120,6 @@ def check_output(output):
             f"--output {output}: cannot write in {existing} ({error.strerror}). Choose a "
             "directory you can write to."
         ) from None
-
-
-def mesh_distribution(job, num_experts):
-    """The `keras_glam.distribution.expert_parallel` distribution of `--mesh`, or None.
-
-    Checks that the mesh fits the devices, the batch and the preset's `num_experts`.
-    """
-    if job.mesh is None:
-        return None
-    axes = parse_mesh_spec(job.mesh)
-    batch_shards = num_batch_shards(axes)
-    if job.batch_size % batch_shards:
-        raise ValueError(
-            f"--batch-size {job.batch_size} cannot be split over the {batch_shards} batch shards "
-            f"of --mesh {job.mesh} (data x expert): choose a multiple of {batch_shards}."
-        )
-    if num_experts and num_experts % axes.get("expert", 1):
-        raise ValueError(
-            f"--mesh {job.mesh}: the expert axis must divide the preset's {num_experts} experts."
-        )
-    devices = keras.distribution.list_devices()
-    needed = batch_shards * axes.get("model", 1)
-    if "data" in axes and needed != len(devices):
-        raise ValueError(
-            f"--mesh {job.mesh} needs {needed} devices, there are {len(devices)}. Leave out "
-            "`data=` to use every device, or on CPU set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} before starting."
-        )
-    return expert_parallel(
-        data=axes.get("data"), expert=axes.get("expert", 1), model=axes.get("model", 1)
-    )
 
 
 def check_text_files(paths):
@@ -257,17 +225,6 @@ def token_counts(documents, tokenizer, vocabulary_size):
     return counts
 
 
-def unigram_cross_entropy(train_counts, held_out_dataset):
-    """Held-out cross-entropy (nats/token) of the add-one-smoothed unigram model of the training
-    split, over exactly the targets and weights the model's held-out loss uses."""
-    log_probability = np.log((train_counts + 1.0) / (train_counts.sum() + len(train_counts)))
-    total, weight = 0.0, 0.0
-    for _, labels, sample_weight in held_out_dataset.as_numpy_iterator():
-        total -= float(np.sum(log_probability[labels] * sample_weight))
-        weight += float(np.sum(sample_weight))
-    return total / weight
-
-
 @dataclasses.dataclass
 class PreparedData:
     """The checked inputs of a run: the corpus split, the tokenizer and the datasets."""
@@ -282,16 +239,16 @@ class PreparedData:
     distribution: object = None
 
 
-def prepare(job):
+def prepare(job, distribution=None):
     """Check the settings, the preset, `--output` and the data, and build the input pipelines;
-    touches no output.
+    touches no output. `distribution`: the `keras.distribution` to train under (the command
+    builds it from `--mesh` with `keras_glam.distribution.mesh_distribution`), or None.
 
     Every problem with the input (listed in `keras_glam.train`) is raised here, as a
     `ValueError` or `OSError` whose message says what to fix.
     """
     check_job(job)
     config = presets.local_backbone_config(job.preset)
-    distribution = mesh_distribution(job, config.get("num_experts"))
     # Before any tokenizer exists: TensorFlow's seeding drops the tokenizer's kernel resources.
     keras.utils.set_random_seed(job.seed)
     documents = load_documents(job)
@@ -340,7 +297,7 @@ def prepare(job):
         shuffle_buffer=0,
         drop_remainder=False,
     )
-    held_out = held_out.map(functools.partial(_pad_rows, batch_size=job.batch_size)).cache()
+    held_out = pad_batches(held_out, job.batch_size).cache()
     # A known length lets Keras end each evaluation without an "ran out of data" warning.
     held_out_batches = sum(1 for _ in held_out)
     held_out = held_out.apply(tf.data.experimental.assert_cardinality(held_out_batches))
@@ -354,17 +311,6 @@ def prepare(job):
         unigram_entropy=unigram_cross_entropy(train_counts, held_out),
         distribution=distribution,
     )
-
-
-def _pad_rows(x, y, sample_weight, batch_size):
-    """Pad a short last batch with empty rows (padding mask and weight 0), so that every held-out
-    batch has the same shape (one compiled evaluation; shardable over a mesh)."""
-    paddings = [[0, batch_size - tf.shape(y)[0]], [0, 0]]
-
-    def pad(tensor):
-        return tf.ensure_shape(tf.pad(tensor, paddings), [batch_size, tensor.shape[1]])
-
-    return {name: pad(value) for name, value in x.items()}, pad(y), pad(sample_weight)
 
 
 def train(job, data):
@@ -457,9 +403,9 @@ def _tensorboard_callbacks(output):
     return [keras.callbacks.TensorBoard(os.path.join(output, "tensorboard"))]
 
 
-def run(job):
+def run(job, distribution=None):
     """`prepare` then `train`: the whole main job. Returns the metrics."""
-    return train(job, prepare(job))
+    return train(job, prepare(job, distribution))
 
 
 def generate_samples(lm, job):
@@ -468,8 +414,8 @@ def generate_samples(lm, job):
     if not prompts:
         return []
     # A mesh splits the batch of prompts over its batch shards: fill it to a multiple.
-    axes = parse_mesh_spec(job.mesh) if job.mesh else {}
-    shards = num_batch_shards(axes)
+    distribution = keras.distribution.distribution()
+    shards = getattr(distribution, "num_model_replicas", 1)
     batch = [prompts[i % len(prompts)] for i in range(-(-len(prompts) // shards) * shards)]
     lm.compile(
         optimizer=lm.optimizer,
