@@ -284,15 +284,14 @@ def filter_corpora(args):
 def plot_score_histograms(report, path):
     """One panel per source: score histograms of all and of kept documents, and the rule's
     keep probability `(2 - score) ** -alpha`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot: the process's backend (a notebook's inline one) is kept.
+    from matplotlib.figure import Figure
 
     from keras_glam.data.quality import keep_probability
 
     names = list(report["sources"])
-    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    figure = Figure(figsize=(5 * len(names), 3.6))
+    axes = figure.subplots(1, len(names), squeeze=False)
     for axis, name in zip(axes[0], names):
         entry = report["sources"][name]
         edges = np.array(entry["histogram"]["edges"])
@@ -312,7 +311,6 @@ def plot_score_histograms(report, path):
         axis.legend(loc="upper left", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def main(argv=None):

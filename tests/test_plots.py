@@ -25,3 +25,24 @@ def test_training_plot_keeps_the_backend_and_writes_a_png(tmp_path, svg_backend)
     plot_training(state, tmp_path / "training.png", unigram_entropy=4.9)
     assert matplotlib.get_backend() == "svg"
     assert (tmp_path / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluation_plot_keeps_the_backend(svg_backend):
+    from keras_glam.evaluation.reports import plot_report
+
+    runs = [{"num_fewshot": 0, "n-shot": {"arc_easy": 0},
+             "results": {"arc_easy": {"acc,none": 0.5, "acc_per_token,none": 0.55}}}]
+    png = plot_report(runs, "glam_tiny_8e")
+    assert matplotlib.get_backend() == "svg"
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_report_plot_keeps_the_backend(tmp_path, svg_backend):
+    from keras_glam.prepare_data import plot_score_histograms
+
+    report = {"alpha": 9.0, "sources": {"web": {
+        "histogram": {"edges": [0.0, 0.5, 1.0], "all": [3, 4], "kept": [1, 4]},
+        "kept_fraction": 0.71}}}
+    plot_score_histograms(report, tmp_path / "scores.png")
+    assert matplotlib.get_backend() == "svg"
+    assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

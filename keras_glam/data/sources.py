@@ -782,9 +782,11 @@ class HuggingFaceDataset(DocumentSource):
     def _read_rows(self, start):
         start = int(start.numpy())
         rows = self.dataset[start : start + PYTHON_BATCH][self.field]
-        return np.array([self._text(text, start + i) for i, text in enumerate(rows)], dtype=object)
+        texts = [self.encoded_text(text, start + i) for i, text in enumerate(rows)]
+        return np.array(texts, dtype=object)
 
-    def _text(self, text, index):
+    def encoded_text(self, text, index):
+        """The UTF-8 bytes of example `index`'s text column (`b""` for None), or a DataError."""
         if text is None:
             return b""
         if not isinstance(text, str):
@@ -859,7 +861,7 @@ class _StreamReader:
                     f"{self.source.field!r} (found: {', '.join(example)}). Name it with "
                     "field=NAME."
                 )
-            texts.append(self.source._text(example[self.source.field], self.examples_read))
+            texts.append(self.source.encoded_text(example[self.source.field], self.examples_read))
             self.examples_read += 1
         self.next_block = block_index + 1
         state = {"stream": self.dataset.state_dict(), "examples_read": self.examples_read}

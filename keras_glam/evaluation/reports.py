@@ -238,16 +238,15 @@ def _cell(value, bold=False):
 
 def plot_report(runs, model_name):
     """A horizontal bar plot of GLaM's score per task and setting, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, not pyplot: the process's backend (a notebook's inline one) is kept.
+    from matplotlib.figure import Figure
 
     table = _ordered(glam_scores(runs))
     settings = [setting_label(n) for n in sorted({run_fewshot(run) for run in runs})]
     labels = [task for (_, task), _ in table]
     height = 0.8 / max(len(settings), 1)
-    figure, axes = plt.subplots(figsize=(8, 1.5 + 0.35 * len(labels) * max(1, len(settings) / 2)))
+    figure = Figure(figsize=(8, 1.5 + 0.35 * len(labels) * max(1, len(settings) / 2)))
+    axes = figure.subplots()
     positions = np.arange(len(labels))
     for index, setting in enumerate(settings):
         values = [scores.get(setting, 0.0) for _, scores in table]
@@ -261,7 +260,6 @@ def plot_report(runs, model_name):
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
     return buffer.getvalue()
 
 
