@@ -10,8 +10,11 @@ as lm-eval's requests do. On `glam_small_16e` (random weights), the script measu
 
 1. `GLaMLM.loglikelihood` requests per second against one compiled forward pass per request,
    padded to one width (the longest request's), on the same requests. Target: at least 3x.
-2. Its real (unpadded) tokens per second against the model's own forward throughput on full
-   batches of the width and rows `GLaMLM` uses (every position a real token). Target: 60%.
+2. Its real (unpadded) tokens per second, counting each request's context once per request
+   as lm-eval does, against the model's own forward throughput on full batches of 2048 tokens
+   (8 x 256, the token budget of `GLaMLM`'s passes; every position a real token). Target: 60%.
+   `GLaMLM` reads a context shared by several choices once, so this can exceed 100%; the
+   script also prints the rate of the tokens it actually reads.
 3. `GLaMLM.generate_until` generated tokens per second on 16 prompts against
    `GLaMCausalLM.generate` called one prompt at a time (greedy, same tokens: checked). Target 3x.
 
@@ -84,6 +87,11 @@ def multiple_choice_requests(tokenizer, questions, rng):
     return requests
 
 
+def load_average():
+    """The 1, 5 and 15 minute load averages: the cores may be shared, and this says how much."""
+    return " / ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
 def timed(function):
     start = time.perf_counter()
     result = function()
@@ -125,7 +133,10 @@ def main():
     causal_lm.compile(sampler="greedy")
     lm = GLaMLM(causal_lm, max_length=args.max_length)
     tokenizer = lm.glam_tokenizer
-    print(f"{args.preset}, backend {keras.config.backend()}, {jax.device_count()} device(s)")
+    print(
+        f"{args.preset}, backend {keras.config.backend()}, {jax.device_count()} device(s), "
+        f"load average {load_average()} on {os.cpu_count()} cores"
+    )
 
     # 1 and 2: log-likelihoods.
     requests = multiple_choice_requests(tokenizer, args.questions, rng)
@@ -160,9 +171,7 @@ def main():
     )
     print(f"  speed-up: {baseline / ours:.2f}x (target >= 3x)")
 
-    pass_width = max(
-        padded_width(max(map(len, inputs)), args.max_length), min(256, args.max_length)
-    )
+    pass_width = min(256, args.max_length)
     rows = lm.scorer.rows_per_pass(pass_width)
     full = rng.integers(3, tokenizer.vocabulary_size(), (rows, pass_width)).astype("int32")
     passes = -(-real_tokens // (rows * pass_width))
@@ -177,6 +186,18 @@ def main():
         f"  real tokens/s {real_tokens / ours:,.0f} vs the model's forward on full "
         f"[{rows} x {pass_width}] batches {model_rate:,.0f}: "
         f"{real_tokens / ours / model_rate:.0%} (target >= 60%)"
+    )
+    # What the model reads: each distinct context once, then every continuation but its last
+    # token (lm-eval's own split of each pair).
+    contexts, read = set(), 0
+    for tokens, request in zip(inputs, requests):
+        scored = lm.continuation_length(*request.args)
+        contexts.add(tuple(tokens[: len(tokens) + 1 - scored]))
+        read += scored - 1
+    read += sum(map(len, contexts))
+    print(
+        f"  tokens read (contexts once): {read:,}, {read / ours:,.0f}/s, "
+        f"{read / ours / model_rate:.0%} of the full-batch rate"
     )
 
     # 3: generation.
@@ -208,6 +229,7 @@ def main():
     rate = tokens / baseline
     print(f"  generate(), one prompt a time {baseline * 1e3:8.1f} ms  {rate:8.1f} tokens/s")
     print(f"  speed-up: {baseline / ours:.2f}x (target >= 3x); same text: {same}")
+    print(f"\nload average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

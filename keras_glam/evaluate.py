@@ -258,8 +258,15 @@ def main(argv=None):
     except BadInput as error:
         print(f"glam-eval: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+    from keras_glam.evaluation.token_scorer import ContinuationTooLongError
+
+    try:
+        if selection is not None:
+            paths = run_tasks(args, causal_lm, selection, first_tasks)
+    except ContinuationTooLongError as error:
+        print(f"glam-eval: error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
     if selection is not None:
-        paths = run_tasks(args, causal_lm, selection, first_tasks)
         for missing in selection.missing:
             print(f"glam-eval: not evaluated: {missing.name} ({missing.reason})")
         with open(paths["markdown"], encoding="utf-8") as file:

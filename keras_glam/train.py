@@ -2,10 +2,12 @@
 
 With no arguments, offline, in 4 to 10 minutes on two CPU cores (262 s measured on two idle
 cores, about 9 minutes on cores shared with other jobs), it trains the small MoE preset
-`glam_small_16e` on Python's own documentation (`pydoc_data.topics`, held-out split by whole
-documents), then writes to `--output` (default `glam_run/`):
+`glam_small_16e` on Python's own documentation (`pydoc_data.topics`, whole documents held out
+by hash), then writes to `--output` (default `glam_run/`):
 
-- `checkpoints/`: atomic training-state checkpoints (resume with `--resume`, also after kill -9),
+- `checkpoints/`: atomic training-state checkpoints, each with the data stream's position
+  (resume with `--resume`, also after kill -9: the stream continues where it was, nothing is
+  read again),
 - `preset/`: the trained model (`keras_glam.GLaMCausalLM.from_preset("glam_run/preset")`),
 - `training.png`: loss curves (train and held-out) and the per-layer expert load,
 - `metrics.json`: held-out cross-entropy, the unigram-entropy baseline, tokens seen, tokens/s,
@@ -18,19 +20,29 @@ document boundaries, Adafactor with `rsqrt(max(step, warmup))`, z-loss 1e-4, loa
 scale differs, for a few minutes of CPU: 400 steps of 8 rows of 128 tokens (GLaM: rows of 1024,
 ~1M tokens per batch), and the constant phase of the learning rate shortened from 10000 steps
 at 0.01 (which would cover the whole run) to 100 steps at 0.05, after which the rate decays as
-`1/sqrt(step)` exactly as GLaM's does. Measured here, held-out cross-entropy at step 200: 3.55
+`1/sqrt(step)` exactly as GLaM's does. Measured here (with the earlier held-out split, every
+fifth document), held-out cross-entropy at step 200: 3.55
 with this default, 3.59 with GLaM's exact schedule (`--warmup-steps 10000`, rate 0.01 throughout):
 Adafactor's parameter-scaled steps make the rate forgiving, and the decay helps a little.
 
 `--preset` takes a builtin name or a directory written by `save_to_preset` (for example an
 earlier run's `preset/`): training then starts from its weights.
 
-A problem the user can fix (a bad flag, an unknown preset or a directory that is not one, no
-text or undecodable bytes, a vocabulary that does not fit the model, too little text for one
-batch, an `--output` that is a file, unwritable or holds an earlier run, a mesh that does not
-fit, nothing to resume, a run that diverged) ends the job with one line on stderr naming the
-problem and the fix, and exit code 2. Problems with the input are found before the model is
-built and before anything in `--output` is touched.
+`--data` streams any corpus, of any size (`keras_glam.data.streaming.StreamingData`): text,
+JSON lines, Parquet and TFRecord files, globs of shards, Hugging Face datasets, named and
+weighed with `--mixture` (docs/data.md). Start-up reads bounded amounts only: the start of
+every source, one batch of training tokens, `--held-out-documents` and `--baseline-tokens`.
+
+A problem the user can fix (a bad flag, an unknown preset or a directory that is not one, a
+missing file or a glob matching nothing, a JSON line without its text field, undecodable bytes,
+a source without text, a mixture that is negative or names an unknown source, no held-out
+document, a vocabulary that does not fit the model, too little text for one batch, an
+`--output` that is a file, unwritable or holds an earlier run, a mesh that does not fit,
+nothing to resume, a checkpoint whose data state was saved for other data or that predates
+streamed resume, a run that diverged) ends the job with one line on stderr naming the problem and the fix, and exit code 2.
+Problems with the input are found before the model is built and before anything in `--output`
+is touched (what hides in the middle of a shard stops training with the same kind of line,
+and the checkpoints written so far are kept).
 
 The command shows only its own output: this module imports nothing heavy until the arguments
 are parsed (`--help` is instant), and TensorFlow's, XLA's and SentencePiece's start-up logs are
@@ -56,6 +68,9 @@ DEFAULT_WARMUP_STEPS = 100
 DEFAULT_LEARNING_RATE = 0.05
 DEFAULT_CHECKPOINT_INTERVAL = 50
 HELD_OUT_FRACTION = 0.2
+DEFAULT_HELD_OUT_DOCUMENTS = 1000
+DEFAULT_SHUFFLE_BUFFER = 1000
+DEFAULT_BASELINE_TOKENS = 2**20
 # `--verbose` above Keras' own levels (0-2): also show what the libraries log.
 LIBRARY_LOGS_VERBOSITY = 3
 
@@ -66,7 +81,8 @@ class TrainingJob:
 
     output: str = "glam_run"
     preset: str = DEFAULT_PRESET
-    data: tuple = ()
+    data: tuple = ()  # `--data` specs (`keras_glam.data.streaming.parse_data_spec`).
+    mixture: str = None  # `NAME=WEIGHT,...` over the named --data sources; None: equal.
     document_boundary: str = "blank_line"
     vocabulary: str = None
     sequence_length: int = DEFAULT_SEQUENCE_LENGTH
@@ -77,6 +93,9 @@ class TrainingJob:
     checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL
     keep_checkpoints: int = 3
     held_out_fraction: float = HELD_OUT_FRACTION
+    held_out_documents: int = DEFAULT_HELD_OUT_DOCUMENTS
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    baseline_tokens: int = DEFAULT_BASELINE_TOKENS
     mixed_precision: bool = False
     mesh: str = None
     resume: bool = False
@@ -95,6 +114,7 @@ QUICK_SETTINGS = {
     "checkpoint_interval": 3,
     "samples": 2,
     "sample_length": 12,
+    "baseline_tokens": 2**16,
 }
 
 
@@ -117,13 +137,27 @@ def parse_args(argv=None):
     parser.add_argument(
         "--data",
         nargs="+",
-        metavar="FILE",
-        help="UTF-8 text files or glob patterns to train on (default: Python's documentation)",
+        metavar="SPEC",
+        help=(
+            "sources to stream, each [NAME=][FORMAT[,KEY=VALUE...]:]PATH_OR_GLOB: text, jsonl, "
+            "parquet, tfrecord files (format from the extension) or hf datasets, e.g. "
+            "'shards/*.jsonl' or 'web=jsonl,field=content:crawl/*.jsonl.gz' (docs/data.md; "
+            "default: Python's documentation)"
+        ),
+    )
+    parser.add_argument(
+        "--mixture",
+        metavar="NAME=WEIGHT,...",
+        help=(
+            "weights of the named --data sources as shares of training tokens, e.g. GLaM's "
+            "web=0.42,wikipedia=0.06,conversations=0.28,forums=0.02,books=0.20,news=0.02 "
+            "(default: equal)"
+        ),
     )
     parser.add_argument(
         "--document-boundary",
         choices=("blank_line", "line", "file"),
-        help="how --data files split into documents (default: blank_line, i.e. paragraphs)",
+        help="how text files split into documents (default: blank_line, i.e. paragraphs)",
     )
     parser.add_argument("--vocabulary", help="a SentencePiece .spm file (default: the preset's)")
     parser.add_argument(
@@ -156,7 +190,34 @@ def parse_args(argv=None):
     parser.add_argument(
         "--held-out-fraction",
         type=float,
-        help=f"share of whole documents held out (default: {HELD_OUT_FRACTION})",
+        help=f"share of whole documents held out, by hash (default: {HELD_OUT_FRACTION})",
+    )
+    parser.add_argument(
+        "--held-out-documents",
+        type=int,
+        metavar="N",
+        help=(
+            "held-out documents evaluated, shared out by weight (default: "
+            f"{DEFAULT_HELD_OUT_DOCUMENTS})"
+        ),
+    )
+    parser.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        metavar="N",
+        help=(
+            "documents, then rows, in each source's shuffle buffers; checkpoints hold them "
+            f"(default: {DEFAULT_SHUFFLE_BUFFER}; 0: no shuffling)"
+        ),
+    )
+    parser.add_argument(
+        "--baseline-tokens",
+        type=int,
+        metavar="N",
+        help=(
+            "training tokens counted for the unigram baseline (default: "
+            f"{DEFAULT_BASELINE_TOKENS})"
+        ),
     )
     parser.add_argument(
         "--mixed-precision",

@@ -40,3 +40,20 @@ TINY_CONFIG = {
 def tiny_config():
     """A 3-layer GLaM (MoE on layers 0 and 2) small enough for every test."""
     return dict(TINY_CONFIG)
+
+
+@pytest.fixture
+def parsed_lines(monkeypatch):
+    """Counts the JSON lines parsed (`JsonLines._parse`), as `[count of each call]`, in the
+    pipelines built from now on."""
+    from keras_glam.data import sources
+
+    counts = []
+    parse = sources.JsonLines._parse
+
+    def counting_parse(self, path, numbers, lines):
+        counts.append(len(numbers))
+        return parse(self, path, numbers, lines)
+
+    monkeypatch.setattr(sources.JsonLines, "_parse", counting_parse)
+    return counts

@@ -4,6 +4,7 @@ optimizer state by path, directories shared between processes."""
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -82,12 +83,15 @@ def _truncate_weights(path):
         file.truncate(100)
 
 
-def _flip_last_byte_of_optimizer_state(path):
-    with open(os.path.join(path, "optimizer.npz"), "r+b") as file:
-        file.seek(-1, os.SEEK_END)
-        last = file.read(1)
-        file.seek(-1, os.SEEK_END)
-        file.write(bytes([last[0] ^ 0xFF]))
+def _flip_last_byte_of(name):
+    def damage(path):
+        with open(os.path.join(path, name), "r+b") as file:
+            file.seek(-1, os.SEEK_END)
+            last = file.read(1)
+            file.seek(-1, os.SEEK_END)
+            file.write(bytes([last[0] ^ 0xFF]))
+
+    return damage
 
 
 def _remove_state(path):
@@ -132,7 +136,7 @@ def _empty_manifest_and_no_weights(path):
     "damage, message",
     [
         (_truncate_weights, "bytes"),
-        (_flip_last_byte_of_optimizer_state, "SHA-256"),
+        (_flip_last_byte_of("optimizer.npz"), "SHA-256"),
         (_remove_state, "state.json is missing"),
         (_break_state_json, "unreadable"),
         # Malformed or inconsistent records are corrupt too, with the reason.
@@ -234,6 +238,77 @@ def test_save_refuses_a_state_without_an_integer_step(tmp_path):
     for state in ({"data_position": 3}, {"step": "3"}, {"step": -1}, [3]):
         with pytest.raises(ValueError, match="'step' is an integer >= 0"):
             CheckpointManager(tmp_path).save(model, state)
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Extra files (a data stream's state) written into the same atomic checkpoint.
+
+
+def _write_data_state(directory, content=b"position 7"):
+    with open(os.path.join(directory, "data_iterator.bin"), "wb") as file:
+        file.write(content)
+    with open(os.path.join(directory, "data_iterator.json"), "w") as file:
+        json.dump({"position": 7}, file)
+    return ["data_iterator.json", "data_iterator.bin"]
+
+
+def test_extra_files_are_committed_listed_and_verified(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    checkpoint = manager.save(_trained_model(), {"step": 7}, extra_files=_write_data_state)
+    with open(os.path.join(checkpoint.path, "state.json")) as file:
+        record = json.load(file)
+    assert record["extra_files"] == ["data_iterator.bin", "data_iterator.json"]
+    assert set(record["files"]) == {
+        "model.weights.h5", "optimizer.npz", "data_iterator.bin", "data_iterator.json"
+    }
+    with open(os.path.join(checkpoint.path, "data_iterator.bin"), "rb") as file:
+        assert file.read() == b"position 7"
+    assert manager.latest() == checkpoint
+    assert checkpointing.listed_files(checkpoint) == sorted(os.listdir(checkpoint.path))
+    assert manager.restore(checkpoint, _trained_model(seed=1)) == {"step": 7}
+
+
+def _remove_data_state(path):
+    os.remove(os.path.join(path, "data_iterator.bin"))
+
+
+def _unlist_extra_file(record):
+    files = {k: v for k, v in record["files"].items() if k != "data_iterator.bin"}
+    return {**record, "files": files}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_flip_last_byte_of("data_iterator.bin"), "data_iterator.bin does not match its SHA-256"),
+        (_remove_data_state, "data_iterator.bin is missing"),
+        (_edit_record(_unlist_extra_file), "the manifest does not list data_iterator.bin"),
+        (_edit_record(_with(extra_files=["data_iterator.json"])), "unknown file 'data_iterator"),
+        (_edit_record(_with(extra_files=["../elsewhere"])), "malformed list of extra files"),
+        (_edit_record(_with(extra_files="data_iterator.bin")), "malformed list of extra files"),
+    ],
+    ids=["tampered", "missing", "unlisted", "undeclared", "path_outside", "not_a_list"],
+)
+def test_damaged_extra_files_make_the_checkpoint_corrupt(tmp_path, caplog, damage, message):
+    model = _trained_model()
+    manager = CheckpointManager(tmp_path)
+    older = manager.save(model, {"step": 1}, extra_files=_write_data_state)
+    newer = manager.save(model, {"step": 2}, extra_files=_write_data_state)
+    damage(newer.path)
+    with pytest.raises(CorruptCheckpointError, match=message):
+        manager.verify(newer)
+    with caplog.at_level(logging.WARNING, logger=checkpointing.__name__):
+        assert manager.latest() == older
+
+
+@pytest.mark.parametrize("name", ["state.json", "optimizer.npz", "../outside", ".hidden"])
+def test_extra_files_may_not_shadow_or_escape_the_checkpoint(tmp_path, name):
+    def write(directory):
+        return [name]
+
+    with pytest.raises(ValueError, match=f"`extra_files` returned '{re.escape(name)}'"):
+        CheckpointManager(tmp_path).save(_trained_model(), {"step": 1}, extra_files=write)
     assert os.listdir(tmp_path) == []
 
 

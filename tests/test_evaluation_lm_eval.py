@@ -260,6 +260,19 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, offline, t
     assert not (tmp_path / "out").exists()
 
 
+def test_continuations_longer_than_max_length_are_one_line_and_exit_code_2(
+    capsys, offline, tmp_path
+):
+    # Choices of up to 3 tokens, a model reading 2 at once: scored in part, they would mislead.
+    argv = ["--model", "glam_tiny_8e", "--tasks", CHOICE_TASK, "--data-dir", str(DATA_DIR),
+            "--max-length", "2", "--limit", "3", "--output", str(tmp_path / "out")]
+    code, _, err = run_command(argv, capsys)
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("glam-eval: error:")]
+    assert len(errors) == 1 and "raise max_length (glam-eval --max-length) to at least" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_unreachable_task_data_fails_fast_naming_the_task_and_files(capsys, offline, tmp_path):
     started = time.monotonic()
     code, _, err = run_command(["--model", "glam_tiny_8e", "--tasks", CHOICE_TASK], capsys)

@@ -128,7 +128,7 @@ def test_cached_decoding_step_by_step_equals_full_forward():
         mask = ops.broadcast_to(visible[None], (BATCH, ops.shape(inputs)[1], max_len))
         return layer(inputs, attention_mask=mask, cache=cache, cache_update_index=index)
 
-    cache = np.zeros((BATCH, 2, max_len, NUM_HEADS, HEAD_DIM), "float32")
+    cache = np.zeros((BATCH, 2, NUM_HEADS, max_len, HEAD_DIM), "float32")
     prefill, cache = cached_call(x[:, :3], cache, 0)
     outputs = [np.asarray(prefill)]
     step = jax.jit(cached_call)  # The cache index is traced, as in generate().
@@ -138,8 +138,39 @@ def test_cached_decoding_step_by_step_equals_full_forward():
 
     np.testing.assert_allclose(np.concatenate(outputs, axis=1), full, rtol=1e-5, atol=1e-5)
     keys = np.einsum("btm,mnd->btnd", x, layer.key.kernel.numpy())
-    np.testing.assert_allclose(np.asarray(cache)[:, 0, :LENGTH], keys, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(cache)[:, :, LENGTH:], 0.0)
+    cached_keys = np.asarray(cache)[:, 0, :, :LENGTH]  # [B, N, positions, Dh]
+    np.testing.assert_allclose(cached_keys, keys.transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cache)[:, :, :, LENGTH:], 0.0)
+
+
+@pytest.mark.parametrize("use_zero_logit", [True, False])
+def test_left_padded_cached_rows_equal_the_unpadded_reference(use_zero_logit):
+    # Row 0 holds the sequence at positions 0..5, row 1 holds its first 4 tokens at 2..5
+    # (2 slots of left padding, masked out): both must give the float64 reference of their
+    # own unpadded tokens, the null key included.
+    x, _ = _inputs()
+    layer = GLaMAttention(NUM_HEADS, HEAD_DIM, use_zero_logit=use_zero_logit)
+    layer.build(x.shape)
+    weights = _randomise(layer)
+    pad = 2
+    shifted = x.copy()
+    shifted[1, pad:] = x[1, : LENGTH - pad]
+    shifted[1, :pad] = np.random.normal(size=(pad, MODEL_DIM))  # Padding: any values.
+    real = np.ones((BATCH, LENGTH), bool)
+    real[1, :pad] = False
+    mask = np.tril(np.ones((LENGTH, LENGTH), bool))[None] & real[:, None, :]
+    cache = np.zeros((BATCH, 2, NUM_HEADS, LENGTH, HEAD_DIM), "float32")
+    output, _ = layer(shifted, attention_mask=mask, cache=cache, cache_update_index=0)
+    output = np.asarray(output)
+
+    causal = np.tril(np.ones((LENGTH, LENGTH), bool))[None]
+    expected = _reference_attention(x, weights, causal, use_zero_logit=use_zero_logit)
+    np.testing.assert_allclose(output[0], expected[0], rtol=1e-5, atol=1e-5)
+    short = LENGTH - pad
+    expected_short = _reference_attention(
+        x[1:, :short], weights, causal[:, :short, :short], use_zero_logit=use_zero_logit
+    )
+    np.testing.assert_allclose(output[1, pad:], expected_short[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("use_zero_logit", [True, False])
@@ -281,12 +312,12 @@ def test_bad_calls_raise():
     layer = GLaMAttention(NUM_HEADS, HEAD_DIM)
     x, _ = _inputs()
     mask = np.ones((BATCH, LENGTH, 8), bool)
-    cache = np.zeros((BATCH, 2, 8, NUM_HEADS, HEAD_DIM), "float32")
+    cache = np.zeros((BATCH, 2, NUM_HEADS, 8, HEAD_DIM), "float32")
     with pytest.raises(ValueError, match="cache_update_index"):
         layer(x, attention_mask=mask, cache=cache)
     with pytest.raises(ValueError, match="attention_mask"):
         layer(x, cache=cache, cache_update_index=0)
     with pytest.raises(ValueError, match="cache"):
-        layer(x, attention_mask=mask, cache=cache[:, :, :, :1], cache_update_index=0)
+        layer(x, attention_mask=mask, cache=cache[:, :, :1], cache_update_index=0)
     with pytest.raises(ValueError, match="hidden_dim"):
         GLaMAttention(NUM_HEADS, HEAD_DIM, hidden_dim=MODEL_DIM + 1)(x)

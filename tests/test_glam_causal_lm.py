@@ -1,4 +1,3 @@
-import keras
 import numpy as np
 import pytest
 from glam_inputs import glam_inputs as _inputs
@@ -25,7 +24,7 @@ def test_cached_decoding_equals_the_full_forward_pass(tiny_config):
     lm = _lm(tiny_config)
     token_ids = np.random.default_rng(0).integers(1, 97, size=(2, 9)).astype("int32")
     full = np.asarray(lm(_inputs(token_ids)))
-    cache = keras.ops.zeros((2, tiny_config["num_layers"], 2, 9, 2, 8))
+    cache = lm.empty_cache(2, 9)
     # Prompt of 4 in one call, then one token at a time.
     logits, _, cache = lm.call_with_cache(token_ids[:, :4], cache, 0)
     steps = [np.asarray(logits)]
@@ -33,6 +32,55 @@ def test_cached_decoding_equals_the_full_forward_pass(tiny_config):
         logits, _, cache = lm.call_with_cache(token_ids[:, index : index + 1], cache, index)
         steps.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=2e-5)
+
+
+def test_a_cache_of_the_wrong_form_or_mask_is_one_clear_error(tiny_config):
+    lm = _lm(tiny_config)
+    token_ids = np.array([[2, 5, 6]], dtype="int32")
+    cache = lm.empty_cache(1, 8)
+    stacked = np.stack([np.asarray(layer) for layer in cache], axis=1)  # The old 6-D layout.
+    for bad, found in ((stacked, "ndarray"), (cache[:-1], "a tuple of 2"), (list(cache), "list")):
+        with pytest.raises(ValueError, match=f"tuple of 3 per-layer .*got {found}.*empty_cache"):
+            lm.call_with_cache(token_ids, bad, 0)
+    with pytest.raises(ValueError, match=r"whole cache, \[batch, max_len\] = \[1, 8\], got shape \[1, 4\]"):
+        lm.call_with_cache(token_ids, cache, 0, padding_mask=np.ones((1, 4), bool))
+
+
+@pytest.mark.slow
+def test_left_padded_cached_rows_equal_their_unpadded_forward_pass(tiny_config):
+    # Rows of 3, 7 and 10 tokens left-padded to 10 share one cache; each row's logits, in the
+    # prompt pass and in two cached decoding steps, must equal the plain forward pass on that
+    # row's own tokens alone.
+    lm = _lm(tiny_config)
+    rng = np.random.default_rng(5)
+    lengths, width, steps = (3, 7, 10), 10, 2
+    sequences = [rng.integers(1, 97, size=n + steps).tolist() for n in lengths]
+    token_ids = np.zeros((3, width + steps), "int32")
+    padding_mask = np.zeros((3, width + steps), bool)
+    for row, (sequence, n) in enumerate(zip(sequences, lengths)):
+        token_ids[row, width - n :] = sequence
+        padding_mask[row, width - n :] = True
+    cache = lm.empty_cache(3, width + steps)
+    logits, _, cache = lm.call_with_cache(token_ids[:, :width], cache, 0, padding_mask)
+    outputs = [np.asarray(logits)]
+    for index in range(width, width + steps):
+        logits, _, cache = lm.call_with_cache(
+            token_ids[:, index : index + 1], cache, index, padding_mask=padding_mask
+        )
+        outputs.append(np.asarray(logits))
+    padded = np.concatenate(outputs, axis=1)
+    for row, (sequence, n) in enumerate(zip(sequences, lengths)):
+        expected = np.asarray(lm(_inputs([sequence])))[0]
+        np.testing.assert_allclose(padded[row, width - n :], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_output_logits_of_some_positions_equal_the_models_logits(tiny_config):
+    lm = _lm(tiny_config, pad_vocabulary_to_multiple_of=8)  # Padding rows masked here too.
+    inputs = _inputs(np.random.default_rng(6).integers(1, 97, size=(2, 6)))
+    positions = np.array([[5], [2]])
+    hidden = np.take_along_axis(np.asarray(lm.backbone(inputs)), positions[..., None], axis=1)
+    expected = np.take_along_axis(np.asarray(lm(inputs)), positions[..., None], axis=1)
+    np.testing.assert_allclose(np.asarray(lm.output_logits(hidden)), expected, atol=1e-5)
 
 
 def test_greedy_generation_equals_a_step_by_step_argmax_of_full_passes(tiny_config):

@@ -223,6 +223,55 @@ def test_checkpoints_are_presets_and_a_fresh_machine_resumes_exactly(
     np.testing.assert_array_equal(_logits(loaded), _logits(second))
 
 
+def _streaming_data(pattern):
+    from keras_glam.data.streaming import StreamingData
+
+    tokenizer = keras_glam.GLaMTokenizer.from_preset("glam_tiny_8e")
+    return StreamingData.from_specs(
+        [pattern], tokenizer, sequence_length=LENGTH, batch_size=BATCH, shuffle_buffer=8
+    )
+
+
+@pytest.mark.slow
+def test_a_streamed_run_resumes_from_the_hub_where_its_data_stream_was(hub_server, tmp_path):
+    """The data iterator's files travel with the checkpoint (listed in its manifest) and a
+    fresh machine continues the stream from them."""
+    with open(tmp_path / "corpus.jsonl", "w") as file:
+        for index in range(300):
+            file.write(json.dumps({"text": f"Document {index} of a streamed corpus."}) + "\n")
+    pattern = str(tmp_path / "corpus.jsonl")
+    uninterrupted = _lm()
+    Trainer(
+        uninterrupted, _streaming_data(pattern), 4, tmp_path / "u", checkpoint_interval=2,
+        verbose=0,
+    ).fit()
+
+    first = _lm()
+    hub = HubCheckpoint(HANDLE, **FAST)
+    Trainer(
+        first, _streaming_data(pattern), 2, tmp_path / "a", checkpoint_interval=2,
+        callbacks=[hub], verbose=0,
+    ).fit()
+    assert [pushed.step for pushed in hub.pushed] == [2]
+    files = hub_server.files(REPO_ID)
+    folder = "checkpoints/ckpt-000001-step-000000002"
+    data_files = {"data_iterator.index", "data_iterator.json", "data_pending.npz"}
+    assert {f"{folder}/{name}" for name in data_files} <= set(files)
+    manifest = json.loads(files[f"{folder}/manifest.json"])
+    assert data_files <= set(manifest["files"])
+    saved = json.loads(files[f"{folder}/data_iterator.json"])
+    assert saved["position"] == 2
+
+    second = _lm(seed=99)
+    state = Trainer(
+        second, _streaming_data(pattern), 4, tmp_path / "b", checkpoint_interval=2,
+        callbacks=[HubCheckpoint(HANDLE, **FAST)], verbose=0,
+    ).fit()
+    assert state.step == 4 and state.data_position == 4
+    for expected, actual in zip(_weights(uninterrupted), _weights(second), strict=True):
+        np.testing.assert_array_equal(expected, actual)
+
+
 class _HubOutage(keras.callbacks.Callback):
     """Takes the Hub down at the first training step and brings it back when `fit` ends,
     noting what the checkpoint directory held and what was pushed meanwhile. Listed before the

@@ -88,6 +88,16 @@ def test_bias_at_offset_equals_rows_of_full_bias():
     np.testing.assert_array_equal(rows_at(100), full[:, 100:103])
 
 
+def test_left_padding_shifts_no_distance():
+    # A row left-padded by `pad` has its tokens at pad + i: its real block of the bias over
+    # the padded cache is the unpadded bias, distances up to the last bucket included.
+    layer = RelativeBias(num_heads=2)
+    unpadded = np.asarray(layer(140, 140))
+    for pad in (1, 13, 60):
+        padded = np.asarray(layer(140, 140 + pad, query_offset=pad))
+        np.testing.assert_array_equal(padded[:, :, pad:], unpadded)
+
+
 def test_weight_name_shape_and_initialiser():
     layer = RelativeBias(num_heads=256, name="relative_bias")
     layer.build()

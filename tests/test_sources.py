@@ -139,6 +139,39 @@ def test_parquet_missing_column_and_corrupt_footer(tmp_path):
         sources.ParquetFiles(str(tmp_path / "b.parquet"), field="body")
 
 
+def _damaged_parquet_copy(whole, row_group, path):
+    """`whole` with a byte flipped in the middle of `row_group`'s (uncompressed) dictionary
+    page: unless its checksum is verified, documents silently read as other text."""
+    import pyarrow.parquet
+
+    column = pyarrow.parquet.ParquetFile(whole).metadata.row_group(row_group).column(0)
+    data = bytearray(whole.read_bytes())
+    data[(column.dictionary_page_offset + column.data_page_offset) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+def test_damaged_parquet_page_is_named_in_check_and_while_streaming(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    whole = tmp_path / "whole.parquet"
+    table = pyarrow.table({"text": [f"row {i} " * 5 for i in range(900)]})
+    pyarrow.parquet.write_table(
+        table, whole, row_group_size=300, compression="none", write_page_checksum=True
+    )
+    path = _damaged_parquet_copy(whole, 1, tmp_path / "damaged.parquet")
+    source = sources.ParquetFiles(path, rows_per_read=100)
+    source.check()  # Row group 0, read before training, is sound.
+    message = _first_error_message(source.documents(), source)
+    assert message.startswith(f"{path}: row group 1 (rows 0-99) is unreadable (could not verify")
+    assert message.endswith("Re-create the file or leave it out.") and "\n" not in message
+    first = _damaged_parquet_copy(whole, 0, tmp_path / "first.parquet")
+    both = sources.ParquetFiles([str(whole), first], rows_per_read=100)
+    with pytest.raises(DataError, match=r"first.parquet: row group 0 \(rows 0-99\) is unreadable"):
+        both.check()  # The first slice of every file is read.
+
+
 def _write_tfrecord(path, features):
     with tf.io.TFRecordWriter(str(path)) as writer:
         for feature in features:
@@ -165,18 +198,67 @@ def test_tfrecord_examples_and_a_record_without_the_feature(tmp_path):
     assert message.startswith(f"{tmp_path / 'b.tfrecord'}: record 1 has no bytes feature 'text'")
 
 
+def _record_offsets(path):
+    """Byte offset of each record of a valid TFRecord file (data length + 16 bytes each)."""
+    records = tf.data.TFRecordDataset(str(path)).as_numpy_iterator()
+    lengths = [len(record) + 16 for record in records]
+    return np.cumsum([0] + lengths[:-1]).tolist()
+
+
 def test_corrupt_tfrecord_shard_is_named(tmp_path):
     _write_tfrecord(tmp_path / "a.tfrecord", [{"text": [b"fine %d" % i]} for i in range(50)])
     data = bytearray((tmp_path / "a.tfrecord").read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    offsets = _record_offsets(tmp_path / "a.tfrecord")
+    data[offsets[20] + 14] ^= 0xFF  # In record 20's data: its checksum fails.
     (tmp_path / "b.tfrecord").write_bytes(bytes(data))
     source = sources.TFRecordFiles(str(tmp_path / "*.tfrecord"), files_read_at_once=1)
-    message = _first_error_message(source.documents(), source)
-    assert message.startswith(f"{tmp_path / 'b.tfrecord'}: corrupt TFRecord shard (bad record")
+    assert _first_error_message(source.documents(), source) == (
+        f"{tmp_path / 'b.tfrecord'}: corrupt TFRecord shard: record 20 (at byte {offsets[20]}) "
+        "fails its checksum. Re-create the shard or leave it out."
+    )
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "c.tfrecord").write_bytes(b"")
     with pytest.raises(DataError, match="c.tfrecord: the TFRecord shard holds no record"):
         sources.TFRecordFiles(str(tmp_path / "empty" / "*.tfrecord")).check()
+
+
+# Bytes cut off the end of a shard: inside the last record's data (tf.data raises DataLossError)
+# and inside its 12-byte header (tf.data ends the file there silently, dropping the record).
+@pytest.mark.parametrize("cut_into", ["data", "header"])
+@pytest.mark.parametrize("suffix", [".tfrecord", ".tfrecord.gz"])
+def test_truncated_tfrecord_shard_is_named(tmp_path, cut_into, suffix):
+    _write_tfrecord(tmp_path / "whole", [{"text": [b"document %d" % i]} for i in range(300)])
+    data = (tmp_path / "whole").read_bytes()
+    last = _record_offsets(tmp_path / "whole")[-1]
+    kept = data[: last + 5] if cut_into == "header" else data[:-3]
+    path = tmp_path / f"cut{suffix}"
+    path.write_bytes(gzip.compress(kept) if suffix.endswith(".gz") else kept)
+    expected = (
+        f"{path}: truncated TFRecord shard: the file ends inside record 299 (at byte {last}). "
+        "Re-create the shard or leave it out."
+    )
+    source = sources.TFRecordFiles(str(path))
+    assert _first_error_message(source.documents(), source) == expected
+    if suffix == ".tfrecord":  # Before training; a .gz file is only read whole when streamed.
+        with pytest.raises(DataError) as caught:
+            source.check()
+        assert str(caught.value) == expected
+
+
+def test_tfrecord_stream_resumes_with_its_byte_count(tmp_path):
+    # The end-of-file check counts the bytes read: a restored iterator must carry the count.
+    for shard in range(3):
+        texts = [{"text": [b"shard %d document %d" % (shard, i)]} for i in range(400)]
+        _write_tfrecord(tmp_path / f"{shard}.tfrecord", texts)
+    source = sources.TFRecordFiles(str(tmp_path / "*.tfrecord"), files_read_at_once=2)
+    everything = _texts(source.documents())
+    iterator = iter(source.documents())
+    head = [next(iterator).numpy().decode() for _ in range(700)]
+    path = tf.train.Checkpoint(iterator=iterator).write(str(tmp_path / "it"))
+    restored = iter(source.documents())
+    tf.train.Checkpoint(iterator=restored).read(path).assert_consumed()
+    assert len(everything) == 1200
+    assert head + [text.numpy().decode() for text in restored] == everything
 
 
 def test_hugging_face_map_style_and_streaming(tmp_path):

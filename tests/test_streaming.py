@@ -246,7 +246,7 @@ def _mixed_data(tokenizer, root):
     )
 
 
-def test_resume_continues_exactly_without_reading_again(tokenizer, tmp_path, monkeypatch):
+def test_resume_continues_exactly_without_reading_again(tokenizer, tmp_path, parsed_lines):
     _write_mixed_corpus(tmp_path)
     uninterrupted = _mixed_data(tokenizer, tmp_path).training_iterator(seed=7)
     reference = [next(uninterrupted) for _ in range(60)]
@@ -257,14 +257,6 @@ def test_resume_continues_exactly_without_reading_again(tokenizer, tmp_path, mon
     written = iterator.save(str(tmp_path / "ckpt"), position=40)
     assert "data_iterator.index" in written and "data_pending.npz" in written
 
-    parsed_lines = []
-    parse = sources.JsonLines._parse
-
-    def counting_parse(self, path, numbers, lines):
-        parsed_lines.append(len(numbers))
-        return parse(self, path, numbers, lines)
-
-    monkeypatch.setattr(sources.JsonLines, "_parse", counting_parse)
     resumed = _mixed_data(tokenizer, tmp_path).training_iterator(seed=7)
     parsed_when_built = sum(parsed_lines)  # Building checks the first document of each source.
     assert resumed.restore(str(tmp_path / "ckpt")) == 40
@@ -295,23 +287,121 @@ def test_resume_with_a_streamed_hugging_face_source(tokenizer, tmp_path):
     assert _same_batches([next(resumed) for _ in range(5)], reference[25:30])
 
 
-def test_rewind_and_the_window(tokenizer, tmp_path):
+def test_handing_out_again_and_the_window(tokenizer, tmp_path):
     data = _data(tokenizer, [sources.DocumentList(_documents("a", 100))])
     iterator = data.training_iterator(seed=0, window=4)
     batches = [next(iterator) for _ in range(6)]
     generator = iterator.batches(position=3)
     assert _same_batches([next(generator) for _ in range(3)], batches[3:6])
-    with pytest.raises(ValueError, match="Cannot rewind to batch 1: batches 2 to 6 are kept"):
-        iterator.rewind(1)
+    with pytest.raises(ValueError, match="Cannot hand out batch 1: batches 2 to 6 are kept"):
+        iterator.batches(1)
     with pytest.raises(ValueError, match="Cannot save at batch 0"):
         iterator.save(str(tmp_path), position=0)
+
+
+def test_every_generator_has_its_own_cursor(tokenizer):
+    """Keras makes two iterators per `fit` and drops one: pulls from one must not move the
+    other."""
+    data = _data(tokenizer, [sources.DocumentList(_documents("a", 100))])
+    reference = list(data.training_dataset(seed=0).take(4).as_numpy_iterator())
+    iterator = data.training_iterator(seed=0)
+    first, second = iterator.batches(0), iterator.batches(0)
+    interleaved = [next(first), next(second), next(first), next(second), next(first)]
+    assert _same_batches(interleaved, [reference[i] for i in (0, 0, 1, 1, 2)])
+    assert iterator.position == 3  # One past the furthest batch handed out.
+    assert _same_batches([next(iterator)], reference[3:4])
+
+
+def test_saving_before_any_batch_pins_the_stream(tokenizer, tmp_path):
+    """The saved state holds the shuffle seeds even when nothing was pulled yet, so another
+    TensorFlow global seed at restore changes nothing."""
+    documents = [sources.DocumentList(_documents("a", 300))]
+    tf.random.set_seed(1)  # Before the tokenizer: seeding drops its TensorFlow resources.
+    iterator = _data(GLaMTokenizer.from_preset("glam_tiny_8e"), documents).training_iterator(3)
+    iterator.save(str(tmp_path), position=0)
+    reference = [next(iterator) for _ in range(4)]
+    tf.random.set_seed(2)
+    restored = _data(GLaMTokenizer.from_preset("glam_tiny_8e"), documents).training_iterator(3)
+    assert restored.restore(str(tmp_path)) == 0
+    assert _same_batches([next(restored) for _ in range(4)], reference)
+
+
+def _text_shards(root, count=6, lines=12):
+    root.mkdir(exist_ok=True)
+    for shard in range(count):
+        texts = [f"File {shard} line {i} is {'long ' * (i % 3)}." for i in range(lines)]
+        (root / f"part-{shard}.txt").write_text("\n".join(texts) + "\n")
+    return str(root / "*.txt")
+
+
+def test_files_are_read_in_a_new_seeded_order_each_epoch(tmp_path):
+    source = sources.TextFiles(
+        _text_shards(tmp_path), document_boundary="line", files_read_at_once=1
+    )
+
+    def file_orders(shuffle_seed, epochs=3):
+        documents = source.documents(shuffle_seed=shuffle_seed)  # Endless with a seed.
+        documents = documents.repeat() if shuffle_seed is None else documents
+        files = [int(text.split()[1]) for text in documents.take(72 * epochs).as_numpy_iterator()]
+        return [tuple(dict.fromkeys(files[i : i + 72])) for i in range(0, len(files), 72)]
+
+    assert file_orders(None) == [tuple(range(6))] * 3  # Sorted, unshuffled: held-out reads.
+    orders = file_orders(5)
+    assert all(sorted(order) == list(range(6)) for order in orders)
+    assert len(set(orders)) == 3 and orders == file_orders(5) and orders != file_orders(6)
+
+
+def test_resume_across_epochs_of_shuffled_files(tokenizer, tmp_path):
+    pattern = _text_shards(tmp_path / "shards", lines=8)
+
+    def data():
+        source = sources.TextFiles(pattern, document_boundary="line", name="t")
+        return _data(tokenizer, [source], shuffle_buffer=4, held_out_fraction=0.1)
+
+    reference = list(data().training_dataset(seed=2).take(30).as_numpy_iterator())
+    iterator = data().training_iterator(seed=2)
+    assert _same_batches([next(iterator) for _ in range(12)], reference[:12])  # > 1 epoch.
+    iterator.save(str(tmp_path), position=10)
+    resumed = data().training_iterator(seed=2)
+    assert resumed.restore(str(tmp_path)) == 10
+    assert _same_batches([next(resumed) for _ in range(20)], reference[10:30])
+
+
+@pytest.mark.parametrize("change", ["boundary", "files", "vocabulary"])
+def test_resuming_on_changed_input_is_refused(tokenizer, tmp_path, change):
+    pattern = _text_shards(tmp_path / "shards")
+
+    def data(boundary="line", vocabulary=tokenizer):
+        source = sources.TextFiles(pattern, document_boundary=boundary, name="t")
+        return _data(vocabulary, [source], held_out_fraction=0.1)
+
+    iterator = data().training_iterator(seed=0)
+    iterator.save(str(tmp_path), position=0)
+    data().training_iterator(seed=0).restore(str(tmp_path))  # The same input resumes.
+    if change == "boundary":
+        other = data(boundary="blank_line")
+    elif change == "files":
+        with open(tmp_path / "shards" / "part-5.txt", "a") as file:
+            file.write("One more line.\n")  # Same names, another size.
+        other = data()
+    else:
+        from keras_glam.data.embedded_corpus import pydoc_documents
+        from keras_glam.data.vocabulary import train_vocabulary
+
+        path = str(tmp_path / "other.spm")
+        train_vocabulary(pydoc_documents()[:20], 600, output_path=path)
+        other = data(vocabulary=GLaMTokenizer(proto=path))
+    differs = "tokenizer" if change == "vocabulary" else "sources"
+    message = f"saved for another input \\({differs} differ.*Resume with the same settings"
+    with pytest.raises(ValueError, match=message):
+        other.training_iterator(seed=0).restore(str(tmp_path))
 
 
 def test_restoring_on_another_input_is_refused(tokenizer, tmp_path):
     data = _data(tokenizer, [sources.DocumentList(_documents("a", 100))])
     iterator = data.training_iterator(seed=0)
     next(iterator)
-    iterator.save(str(tmp_path))
+    iterator.save(str(tmp_path), position=1)
     with pytest.raises(ValueError, match="saved for another input"):
         data.training_iterator(seed=1).restore(str(tmp_path))
     with pytest.raises(ValueError, match="holds no data iterator state"):
@@ -364,3 +454,39 @@ def test_pad_batches():
     dataset = tf.data.Dataset.from_tensors((x, tf.ones([3, 5], tf.int32), tf.ones([3, 5])))
     (x, y, weight), = streaming.pad_batches(dataset, 4).as_numpy_iterator()
     assert x["padding_mask"].sum(axis=1).tolist() == [5, 5, 5, 0] and weight[3].sum() == 0
+
+
+def test_each_host_saves_its_own_iterator_files(tokenizer, tmp_path):
+    """Hosts sharing a checkpoint directory write files named by host: none overwrites
+    another's, and each restores its own."""
+    documents = _documents("a", 200)
+    iterators = [
+        _data(tokenizer, [sources.DocumentList(documents)], num_hosts=2, host_index=host)
+        .training_iterator(seed=0)
+        for host in (0, 1)
+    ]
+    batches = [[next(iterator) for _ in range(3)] for iterator in iterators]
+    written = [iterator.save(str(tmp_path), position=2) for iterator in iterators]
+    assert all(name.startswith("data-host00000_") for name in written[0])
+    assert all(name.startswith("data-host00001_") for name in written[1])
+    assert set(written[0]).isdisjoint(written[1])
+    for host, expected in enumerate(batches):
+        data = _data(tokenizer, [sources.DocumentList(documents)], num_hosts=2, host_index=host)
+        restored = data.training_iterator(seed=0)
+        assert restored.restore(str(tmp_path)) == 2
+        assert _same_batches([next(restored)], expected[2:])
+    single = _data(tokenizer, [sources.DocumentList(documents)]).training_iterator(seed=0)
+    with pytest.raises(ValueError, match="holds no data iterator state \\(data_iterator.json\\)"):
+        single.restore(str(tmp_path))
+
+
+def test_training_tokens_counts_framed_documents_up_to_a_bound(tokenizer):
+    documents = _documents("a", 40)
+    data = _data(tokenizer, [sources.DocumentList(documents[:20], "a"),
+                             sources.DocumentList(documents[20:], "b")])
+    training = [text.decode() for source in data.sources
+                for text in data.split_documents(source).as_numpy_iterator()]
+    framed = sum(len(tokenizer(text)) + 2 for text in training)  # <s> text </s>
+    assert data.training_tokens(at_most=10**6) == framed
+    # Bounded: whole rows of the first source only, once they reach the bound.
+    assert data.training_tokens(at_most=40) == 64

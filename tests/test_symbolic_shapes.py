@@ -51,7 +51,7 @@ def _mask():
 
 
 def _cache():
-    return TensorSpec((BATCH, 2, CACHE_LENGTH, HEADS, HEAD_DIM), unknown=(0,))
+    return TensorSpec((BATCH, 2, HEADS, CACHE_LENGTH, HEAD_DIM), unknown=(0,))
 
 
 def _decoding_mask():

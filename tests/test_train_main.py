@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from keras_glam.training import job as main_job
+from keras_glam.training.trainer import ChunkFailure
 from keras_glam import cli_support
 from keras_glam import train
 from keras_glam.models import presets
@@ -142,19 +143,35 @@ def _glam_config_file(directory, registered_name="keras_glam>GLaMBackbone"):
 
 def _bad_input_arguments(case, tmp_path):
     """The flags (after `--quick --output tmp_path/run`) that cause `case`."""
+    # Held out by hash at --quick's --held-out-fraction 0.2: "One.", "Two.", "Five.", "Six.";
+    # not: "Three.", "Four.", "A single paragraph of text.".
+    one_row = ["--batch-size", "1", "--sequence-length", "4"]  # Needs only 4 training tokens.
     if case == "empty_file":
         return ["--data", _write(tmp_path / "empty.txt", "\n\n  \n")]
     if case == "latin1_file":
         return ["--data", _write(tmp_path / "latin1.txt", b"first line\ncaf\xe9 au lait\n")]
     if case == "one_document":
-        return ["--data", _write(tmp_path / "one.txt", "A single paragraph of text.\n")]
+        return ["--data", _write(tmp_path / "one.txt", "A single paragraph of text.\n"), *one_row]
     if case == "nothing_held_out":
-        return ["--data", _write(tmp_path / "two.txt", "One paragraph.\n\nAnother.\n")]
+        return ["--data", _write(tmp_path / "two.txt", "Three.\n\nFour.\n"), *one_row]
     if case == "too_little_text":
         six_words = "One.\n\nTwo.\n\nThree.\n\nFour.\n\nFive.\n\nSix.\n"
         return ["--data", _write(tmp_path / "tiny.txt", six_words)]
     if case == "missing_file":
         return ["--data", str(tmp_path / "nowhere" / "*.txt")]
+    if case == "glob_matches_nothing":
+        _write(tmp_path / "notes.txt", "Text, but not JSON lines.\n")
+        return ["--data", str(tmp_path / "*.jsonl")]
+    if case == "json_line_without_field":
+        return ["--data", _write(tmp_path / "a.jsonl", '{"body": "no text field"}\n')]
+    if case in ("mixture_unknown_source", "mixture_negative_weight"):
+        shard = _write(tmp_path / "web.jsonl", '{"text": "Some web text."}\n')
+        mixture = "web=1,books=1" if case == "mixture_unknown_source" else "web=-0.5"
+        return ["--data", f"web={shard}", "--mixture", mixture]
+    if case == "mixture_without_data":
+        return ["--mixture", "web=1"]
+    if case == "negative_shuffle_buffer":
+        return ["--shuffle-buffer", "-1"]
     if case == "vocabulary_mismatch":
         return ["--vocabulary", _train_vocabulary(tmp_path, 600)]
     if case == "vocabulary_not_sentencepiece":
@@ -207,12 +224,18 @@ def _bad_input_arguments(case, tmp_path):
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("empty_file", "hold no text"),
-        ("latin1_file", "is not UTF-8 text: byte 14 \\(line 2\\)"),
-        ("one_document", "at least 2"),
-        ("nothing_held_out", "no whole document to hold out"),
-        ("too_little_text", "fewer than one batch"),
-        ("missing_file", "no file matches"),
+        ("empty_file", "data: no training document with text among its first 1000"),
+        ("latin1_file", "latin1.txt: the file is not UTF-8 text: byte 14 is b'\\\\xe9'"),
+        ("one_document", "No held-out document: .* raise the held-out fraction"),
+        ("nothing_held_out", "No held-out document"),
+        ("too_little_text", "The training split has \\d+ tokens, fewer than one batch"),
+        ("missing_file", "no file matches .*nowhere/\\*.txt"),
+        ("glob_matches_nothing", "data: no file matches .*\\*.jsonl'"),
+        ("json_line_without_field", "a.jsonl: line 1 has no text field 'text' \\(found: body\\)"),
+        ("mixture_unknown_source", "--mixture names 'books', which no --data spec defines"),
+        ("mixture_negative_weight", "the weight of 'web' is -0.5; weights must be finite"),
+        ("mixture_without_data", "--mixture weighs the sources of --data, and none is given"),
+        ("negative_shuffle_buffer", "--shuffle-buffer must be an integer >= 0, got -1"),
         ("vocabulary_mismatch", "The tokenizer has 600 tokens but preset 'glam_tiny_8e'"),
         ("vocabulary_not_sentencepiece", "words.spm is not a SentencePiece model"),
         ("mesh_too_big", "needs 4 devices, there are 1"),
@@ -284,19 +307,42 @@ def test_user_errors_are_told_from_bugs():
     assert cli_support.user_error_message(KeyError("token_ids")) is None
 
 
-def test_text_files_are_read_as_paragraph_documents(tmp_path):
-    paragraphs = [f"Paragraph {i} says that the value of x is {i} times y." for i in range(10)]
-    first = _write(tmp_path / "a.txt", "\n\n".join(paragraphs[:6]) + "\n")
-    _write(tmp_path / "b.txt", "\n\n\n".join(paragraphs[6:]))
+def test_prepare_streams_text_files_with_bounded_reads(tmp_path):
+    paragraphs = [f"Paragraph {i} says that the value of x is {i} times y." for i in range(30)]
+    first = _write(tmp_path / "a.txt", "\n\n".join(paragraphs[:20]) + "\n")
+    _write(tmp_path / "b.txt", "\n\n\n".join(paragraphs[20:]))
     pattern = str(tmp_path / "b*.txt")
-    job = train.parse_args(["--quick", "--output", str(tmp_path / "run"), "--data", first, pattern])
-    data = main_job.prepare(job)
-    assert len(data.train_documents) == 8 and len(data.held_out_documents) == 2
-    assert data.held_out_documents[0] == paragraphs[4]
-    x, y, sample_weight = next(iter(data.make_dataset(seed=0, skip_batches=0)))
+    arguments = ["--quick", "--output", str(tmp_path / "run"), "--baseline-tokens", "4096"]
+    data = main_job.prepare(train.parse_args([*arguments, "--data", first, pattern]))
+    (source,) = data.data.sources
+    assert source.files == [first, str(tmp_path / "b.txt")]  # Two specs named "data": one source.
+    held_out = {t.decode() for t in data.data.held_out_texts().as_numpy_iterator()}
+    training = {t.decode() for t in data.data.split_documents(source).as_numpy_iterator()}
+    assert held_out and training and held_out.isdisjoint(training)
+    assert held_out | training == set(paragraphs)  # Paragraphs, from both files.
+    x, y, sample_weight = next(iter(data.data.training_dataset(seed=0)))
     assert tuple(x["token_ids"].shape) == (4, 32) == tuple(y.shape) == tuple(sample_weight.shape)
+    assert data.held_out_tokens == sum(w.sum() for _, _, w in data.held_out.as_numpy_iterator())
     assert 0 < data.unigram_entropy < np.log(4096)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_training_split_is_measured_by_a_bounded_read(tmp_path, monkeypatch):
+    """`training_tokens` stops at one batch: a huge corpus is not read through."""
+    from keras_glam.data import sources
+
+    read = []
+    original = sources.JsonLines._parse
+    monkeypatch.setattr(
+        sources.JsonLines, "_parse", lambda self, *args: read.append(1) or original(self, *args)
+    )
+    with open(tmp_path / "big.jsonl", "w") as file:
+        for i in range(20000):
+            file.write(json.dumps({"text": f"Line {i} of a corpus far larger than one batch."}) + "\n")
+    job = train.parse_args(["--quick", "--data", str(tmp_path / "big.jsonl")])
+    data = main_job.streaming_data(job, main_job.load_tokenizer(job))
+    assert data.training_tokens(at_most=4 * 32) >= 4 * 32
+    assert len(read) <= 8  # Blocks of 256 lines (with read-ahead) of the file's 79.
 
 
 def _imported_packages(stderr):
@@ -391,7 +437,7 @@ def test_training_starts_from_a_saved_preset_directory(tmp_path, capsys, tiny_co
     arguments += ["--steps", "2", "--checkpoint-interval", "2", "--batch-size", "2"]
     paragraphs = [f"Paragraph {i}: the value of x is {i} times y." for i in range(40)]
     arguments += ["--data", _write(tmp_path / "text.txt", "\n\n".join(paragraphs))]
-    arguments += ["--sequence-length", "16", "--samples", "0"]
+    arguments += ["--sequence-length", "16", "--samples", "0", "--baseline-tokens", "4096"]
     assert train.main(arguments) == 0, capsys.readouterr().err
     with open(output / "metrics.json") as file:
         metrics = json.load(file)
@@ -413,7 +459,7 @@ def test_a_diverged_run_is_one_line(tmp_path, capsys, monkeypatch):
     """Every chunk fails its health check: the trainer rolls back until it gives up."""
 
     def failing_segment(trainer, state):
-        return "loss is nan"
+        return ChunkFailure("loss is nan", state.data_position)
 
     monkeypatch.setattr(main_job.Trainer, "_run_segment", failing_segment)
     arguments = ["--quick", "--output", str(tmp_path / "run"), "--samples", "0", "--verbose", "0"]
@@ -467,18 +513,69 @@ def _job(output, *extra):
     ]
 
 
+def _write_jsonl_shards(directory, sources=("data",), shards=3, lines=300):
+    """JSON lines shards `<source>-<shard>.jsonl` of paragraphs of Python's documentation."""
+    from keras_glam.data.embedded_corpus import pydoc_documents
+
+    paragraphs = [p for page in pydoc_documents() for p in page.split("\n\n") if p.strip()]
+    directory.mkdir()
+    index = 0
+    for source in sources:
+        for shard in range(shards):
+            with open(directory / f"{source}-{shard}.jsonl", "w") as file:
+                for _ in range(lines):
+                    file.write(json.dumps({"text": paragraphs[index % len(paragraphs)]}) + "\n")
+                    index += 1
+    return directory
+
+
+def _shard_with_a_bad_line(tmp_path, good_lines=2000):
+    """A JSON lines shard whose line `good_lines + 1` has no text field, deep past what start-up
+    reads with few held-out documents and a small baseline."""
+    lines = [json.dumps({"text": f"Word {i} is here."}) for i in range(good_lines + 500)]
+    lines[good_lines] = json.dumps({"body": "no text here"})
+    return _write(tmp_path / "deep.jsonl", "\n".join(lines) + "\n")
+
+
+def test_a_bad_line_met_in_training_is_one_line_and_keeps_the_checkpoints(tmp_path, capsys):
+    output = tmp_path / "run"
+    arguments = ["--quick", "--output", str(output), "--samples", "0", "--verbose", "0"]
+    arguments += ["--data", _shard_with_a_bad_line(tmp_path), "--held-out-documents", "20"]
+    arguments += ["--baseline-tokens", "1024", "--shuffle-buffer", "16", "--steps", "60"]
+    arguments += ["--batch-size", "16", "--sequence-length", "64"]
+    assert train.main(arguments) == 2
+    _assert_one_line_error(
+        capsys.readouterr().err, "deep.jsonl: line 2001 has no text field 'text' \\(found: body\\)"
+    )
+    checkpoints = sorted(path.name for path in (output / "checkpoints").iterdir())
+    assert len(checkpoints) >= 2  # Training began (step 0) and went on before the bad line.
+
+
+def test_a_bad_line_met_reading_the_held_out_set_is_one_line(tmp_path, capsys):
+    arguments = ["--quick", "--output", str(tmp_path / "run"), "--samples", "0"]
+    arguments += ["--data", _shard_with_a_bad_line(tmp_path), "--held-out-documents", "1000"]
+    assert train.main(arguments) == 2
+    _assert_one_line_error(capsys.readouterr().err, "deep.jsonl: line 2001 has no text field")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
+    """From JSON lines shards: the resumed run continues the data stream from the state its
+    checkpoint saved, and ends with the same weights, bit for bit."""
+    shards = _write_jsonl_shards(tmp_path / "shards")
     environment = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=_ROOT)
-    run = lambda *args: subprocess.run(  # noqa: E731
-        _job(*args), env=environment, cwd=_ROOT, capture_output=True, text=True, timeout=600
+    data = ["--data", str(shards / "*.jsonl"), "--shuffle-buffer", "64"]
+    run = lambda output, *args: subprocess.run(  # noqa: E731
+        _job(output, *data, *args), env=environment, cwd=_ROOT, capture_output=True, text=True,
+        timeout=600,
     )
     uninterrupted = run(tmp_path / "uninterrupted")
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
     killed_output = tmp_path / "killed"
     process = subprocess.Popen(
-        _job(killed_output),
+        _job(killed_output, *data),
         env=environment,
         cwd=_ROOT,
         stdout=subprocess.DEVNULL,
@@ -502,12 +599,37 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     resumed = run(killed_output, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stderr
+    newest = sorted((killed_output / "checkpoints").iterdir())[-1]
+    assert {"data_iterator.index", "data_iterator.json", "data_pending.npz"} <= {
+        path.name for path in newest.iterdir()
+    }
 
     expected = _weights(tmp_path / "uninterrupted" / "preset" / "model.weights.h5")
     actual = _weights(killed_output / "preset" / "model.weights.h5")
     assert expected.keys() == actual.keys() and expected
     for name in expected:
         np.testing.assert_array_equal(expected[name], actual[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_training_on_a_weighted_mixture_of_jsonl_shards(tmp_path, capsys):
+    shards = _write_jsonl_shards(tmp_path / "shards", sources=("web", "books"), lines=100)
+    output = tmp_path / "run"
+    arguments = ["--quick", "--steps", "2", "--checkpoint-interval", "2", "--samples", "0"]
+    arguments += ["--output", str(output), "--verbose", "0", "--baseline-tokens", "4096"]
+    arguments += ["--data", f"web={shards}/web-*.jsonl", f"books={shards}/books-*.jsonl"]
+    arguments += ["--mixture", "web=0.7,books=0.3", "--held-out-documents", "20"]
+    assert train.main(arguments) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "streaming 70% web (JsonLines, 3 files) + 30% books (JsonLines, 3 files)" in out
+    with open(output / "metrics.json") as file:
+        metrics = json.load(file)
+    assert metrics["steps"] == 2 and np.isfinite(metrics["held_out_cross_entropy"])
+    assert 3.0 < metrics["unigram_entropy"] < np.log(4096)
+    newest = sorted((output / "checkpoints").iterdir())[-1]
+    with open(newest / "data_iterator.json") as file:
+        fingerprint = json.loads(json.load(file)["fingerprint"])
+    assert fingerprint["weights"] == [0.7, 0.3] and len(fingerprint["sources"]) == 2
 
 
 @pytest.mark.slow

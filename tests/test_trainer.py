@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -210,10 +211,7 @@ def test_a_malformed_state_is_skipped_for_the_previous_checkpoint(tmp_path, capl
 
 
 def test_rolls_back_after_repeated_non_finite_steps(tmp_path):
-    poisoned_stream = data_seed(0, 0)
-    make_dataset = _make_dataset(
-        lambda seed, position: "nan" if seed == poisoned_stream and position >= 4 else None
-    )
+    make_dataset = _make_dataset(lambda seed, position: "nan" if position in (4, 5) else None)
     lm = _lm()
     state = Trainer(
         lm,
@@ -224,19 +222,19 @@ def test_rolls_back_after_repeated_non_finite_steps(tmp_path):
         max_consecutive_skipped_steps=2,
         verbose=0,
     ).fit()
-    assert state.step == 8 and state.rollbacks == 1 and state.data_stream == 1
+    # PaLM's remedy: the same stream, the two bad batches skipped, not read again.
+    assert state.step == 8 and state.rollbacks == 1 and state.data_stream == 0
+    assert state.data_position == 10
     assert "2 consecutive steps with non-finite gradients" in state.events[0]
     assert "rolled back to step 4" in state.events[0]
+    assert "continuing the data stream at batch 6 (2 batches skipped)" in state.events[0]
     assert int(lm.optimizer.skipped_steps.numpy()) == 0
     assert all(np.all(np.isfinite(w)) for w in _weights(lm))
 
 
 def test_rolls_back_after_a_loss_spike(tmp_path):
-    spiking_stream = data_seed(0, 0)
     make_dataset = _make_dataset(
-        lambda seed, position: "random_labels"
-        if seed == spiking_stream and position >= 8
-        else None
+        lambda seed, position: "random_labels" if 8 <= position < 12 else None
     )
     lm = _lm(optimizer=keras.optimizers.Adam(0.05))
     state = Trainer(
@@ -250,7 +248,7 @@ def test_rolls_back_after_a_loss_spike(tmp_path):
     ).fit()
     assert state.rollbacks == 1 and "loss spike" in state.events[0]
     assert "rolled back to step 8" in state.events[0]
-    assert state.step == 12
+    assert state.step == 12 and state.data_position == 16
     assert state.chunk_logs[-1]["cross_entropy"] < state.chunk_logs[0]["cross_entropy"]
 
 
@@ -312,3 +310,180 @@ def test_an_earlier_run_is_never_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         Trainer(_lm(), _make_dataset(), 2, tmp_path, resume=False, verbose=0).fit()
     assert {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)} == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming data: the data iterator's state travels in every checkpoint.
+
+
+def _streaming_lm(seed=0):
+    keras.utils.set_random_seed(seed)
+    backbone = GLaMBackbone(
+        vocabulary_size=4096,  # glam_tiny_8e's tokenizer.
+        num_layers=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+        num_heads=2,
+        head_dim=4,
+    )
+    lm = GLaMCausalLM(backbone)
+    lm.compile()
+    return lm
+
+
+def _write_shards(directory, shards=2, lines=3000):
+    directory.mkdir()
+    for shard in range(shards):
+        with open(directory / f"part-{shard}.jsonl", "w") as file:
+            for i in range(lines):
+                file.write(json.dumps({"text": f"Shard {shard} line {i} says {'ok ' * (i % 5)}."}))
+                file.write("\n")
+    return str(directory / "*.jsonl")
+
+
+def _streaming_data(pattern, **overrides):
+    from keras_glam.data.streaming import StreamingData
+    from keras_glam.models.glam_tokenizer import GLaMTokenizer
+
+    settings = dict(sequence_length=64, batch_size=8, held_out_fraction=0.1, shuffle_buffer=16)
+    settings.update(overrides)
+    return StreamingData.from_specs([pattern], GLaMTokenizer.from_preset("glam_tiny_8e"), **settings)
+
+
+def _parsed_during(counts, function):
+    before = sum(counts)
+    result = function()
+    return result, sum(counts) - before
+
+
+def _streamed_fit(lm, pattern, total_steps, directory):
+    """`fit` of a Trainer on JSON lines shards, about 150 documents per batch."""
+    data = _streaming_data(pattern, sequence_length=128, batch_size=16)
+    return Trainer(lm, data, total_steps, directory, checkpoint_interval=12, verbose=0).fit
+
+
+@pytest.mark.slow
+def test_streamed_resume_is_exact_and_reads_nothing_again(tmp_path, parsed_lines):
+    pattern = _write_shards(tmp_path / "shards")
+    uninterrupted = _streaming_lm()
+    _streamed_fit(uninterrupted, pattern, 26, tmp_path / "a")()
+
+    first_half = _streaming_lm()
+    _, parsed_before_checkpoint = _parsed_during(
+        parsed_lines, _streamed_fit(first_half, pattern, 24, tmp_path / "b")
+    )
+    newest = CheckpointManager(tmp_path / "b").latest()
+    assert newest.step == 24 and "data_iterator.index" in os.listdir(newest.path)
+
+    resumed = _streaming_lm(seed=99)  # Other weights: everything must come from the checkpoint.
+    state, parsed_on_resume = _parsed_during(
+        parsed_lines, _streamed_fit(resumed, pattern, 26, tmp_path / "b")
+    )
+    assert state.step == 26 and state.data_position == 26
+    for expected, actual in zip(_weights(uninterrupted), _weights(resumed)):
+        np.testing.assert_array_equal(expected, actual)
+    # The 24 batches before the checkpoint hold about 3,500 documents. Re-entering the stream
+    # by skipping batches (the `make_dataset` way) parses them all again, and more; the
+    # restored iterator parses only what the last 2 batches and the pipeline's read-ahead
+    # need (and the first block of each file, which building the pipeline checks).
+    assert parsed_before_checkpoint > 3000
+    assert parsed_on_resume < parsed_before_checkpoint / 2
+
+
+def test_a_checkpoint_of_another_input_is_refused(tmp_path):
+    pattern = _write_shards(tmp_path / "shards", lines=400)
+    Trainer(
+        _streaming_lm(), _streaming_data(pattern), 1, tmp_path / "run", checkpoint_interval=1,
+        verbose=0,
+    ).fit()
+    lm = _streaming_lm()  # Before the tokenizer: seeding drops TensorFlow's tokenizer resources.
+    other = _streaming_data(pattern, shuffle_buffer=8)
+    with pytest.raises(ValueError, match="saved for another input .* same settings"):
+        Trainer(lm, other, 2, tmp_path / "run", verbose=0).fit()
+
+
+@pytest.mark.slow
+def _fail_chunk_once(monkeypatch, at_step):
+    """The chunk ending at `at_step` fails its health check the first time, after training."""
+    from keras_glam.training import trainer
+
+    monitor_class = getattr(trainer, "_ChunkMonitor")
+    real_end = monitor_class.on_epoch_end
+    failed = []
+
+    def on_epoch_end(monitor, epoch, logs=None):
+        if monitor.state.step + monitor.params["steps"] == at_step and not failed:
+            failed.append(at_step)
+            monitor.failure = "loss spike (injected)"
+        real_end(monitor, epoch, logs)
+
+    monkeypatch.setattr(monitor_class, "on_epoch_end", on_epoch_end)
+
+
+def test_tampered_data_state_falls_back_and_a_rollback_skips_ahead(
+    tmp_path, caplog, monkeypatch
+):
+    pattern = _write_shards(tmp_path / "shards", lines=600)
+    Trainer(
+        _streaming_lm(), _streaming_data(pattern), 4, tmp_path / "run", checkpoint_interval=2,
+        verbose=0,
+    ).fit()
+    newest = CheckpointManager(tmp_path / "run").checkpoints()[0]
+    with open(os.path.join(newest.path, "data_iterator.json"), "r+b") as file:
+        file.write(b" ")  # Same size, other bytes.
+
+    _fail_chunk_once(monkeypatch, at_step=4)
+    with caplog.at_level(logging.WARNING):
+        state = Trainer(
+            _streaming_lm(), _streaming_data(pattern), 6, tmp_path / "run",
+            checkpoint_interval=2, verbose=0,
+        ).fit()
+    assert f"Skipping checkpoint {newest.path}: data_iterator.json does not match" in caplog.text
+    assert "Resuming from" in caplog.text and "(step 2," in caplog.text
+    # The chunk of steps 2-4 failed: back to step 2's weights, on the same stream from batch 4.
+    assert state.step == 6 and state.data_stream == 0 and state.data_position == 8
+    rollback = next(c for c in CheckpointManager(tmp_path / "run").checkpoints() if c.step == 2)
+    with open(os.path.join(rollback.path, "data_iterator.json")) as file:
+        saved = json.load(file)
+    assert saved["position"] == 4
+    assert json.loads(saved["fingerprint"])["seed"] == data_seed(0, 0)
+
+
+@pytest.mark.slow
+def test_resuming_from_a_rollback_checkpoint_matches_the_run_that_rolled_back(
+    tmp_path, monkeypatch
+):
+    pattern = _write_shards(tmp_path / "shards", lines=600)
+    _fail_chunk_once(monkeypatch, at_step=4)
+    rolled_back = _streaming_lm()
+    state = Trainer(
+        rolled_back, _streaming_data(pattern), 6, tmp_path / "run", checkpoint_interval=2,
+        max_checkpoints=10, verbose=0,
+    ).fit()
+    assert state.rollbacks == 1 and state.data_position == 8
+    # Keep only what was written up to the rollback's own checkpoint (step 2, position 4).
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    for checkpoint in CheckpointManager(tmp_path / "copy").checkpoints()[:2]:  # Steps 6, 4.
+        shutil.rmtree(checkpoint.path)
+    newest = CheckpointManager(tmp_path / "copy").latest()
+    with open(os.path.join(newest.path, "data_iterator.json")) as file:
+        assert newest.step == 2 and json.load(file)["position"] == 4
+    resumed = _streaming_lm(seed=99)
+    state = Trainer(
+        resumed, _streaming_data(pattern), 6, tmp_path / "copy", checkpoint_interval=2,
+        verbose=0,
+    ).fit()
+    assert state.step == 6 and state.data_position == 8
+    for expected, actual in zip(_weights(rolled_back), _weights(resumed)):
+        np.testing.assert_array_equal(expected, actual)
+
+
+def test_a_checkpoint_without_data_state_says_it_predates_streamed_resume(tmp_path):
+    pattern = _write_shards(tmp_path / "shards", lines=400)
+    lm = _streaming_lm()  # Before the tokenizer: seeding drops TensorFlow's tokenizer resources.
+    data = _streaming_data(pattern)
+    make_dataset = lambda seed, skip_batches: data.training_dataset(seed).skip(skip_batches)
+    Trainer(lm, make_dataset, 1, tmp_path / "run", verbose=0).fit()
+    lm = _streaming_lm()
+    with pytest.raises(ValueError, match="predates streamed resume.* in another --output"):
+        Trainer(lm, _streaming_data(pattern), 2, tmp_path / "run", verbose=0).fit()

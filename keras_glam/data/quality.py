@@ -330,8 +330,8 @@ class FilteredSource(DocumentSource):
         self.alpha = alpha
         self.seed = seed
 
-    def documents(self, num_hosts=1, host_index=0):
-        documents = self.source.documents(num_hosts, host_index)
+    def documents(self, num_hosts=1, host_index=0, shuffle_seed=None):
+        documents = self.source.documents(num_hosts, host_index, shuffle_seed)
         return filter_documents(documents, self.classifier, self.alpha, self.seed)
 
     def first_documents(self, count, num_hosts=1, host_index=0):

@@ -15,8 +15,9 @@ checkpoint (`tf.train.Checkpoint(iterator=...)`, see `keras_glam.data.streaming`
 - `DocumentList`: a list of `str` in memory.
 
 File sources take paths or glob patterns (every pattern must match a file), read their files in
-sorted order and interleave a few of them at a time (deterministically); `.gz` files are
-decompressed on the fly (text, JSON lines, TFRecord). `documents(num_hosts, host_index)` gives
+sorted order, or, for training (`documents(..., shuffle_seed=...)`), endlessly in an order
+drawn anew each epoch from the seed, and interleave a few of them at a time
+(deterministically); `.gz` files are decompressed on the fly (text, JSON lines, TFRecord). `documents(num_hosts, host_index)` gives
 one host's disjoint share: whole files when there are at least `files_per_host` files per host,
 otherwise every `num_hosts`-th element (Parquet and Hugging Face datasets: every `num_hosts`-th
 slice of rows, or Hugging Face's own `split_dataset_by_node`).
@@ -24,15 +25,21 @@ slice of rows, or Hugging Face's own `split_dataset_by_node`).
 Bad input raises `DataError` (a `ValueError`) with one line naming the file and the place in it
 (line, byte offset, record or row group) and the fix. What can be known before training is
 checked when a source is built (files exist, Parquet footers and columns) and by `check()` (the
-first record of every file); what is only found by reading the whole corpus (a bad byte in the
-middle of a shard) stops the stream with the same kind of message (`describe_error` turns the
+first record or slice of every file, and the record lengths of TFRecord files, which find a shard
+cut short); what is only found by reading the whole corpus (a bad byte in the middle of a shard)
+stops the stream with the same kind of message (`describe_error` turns the
 `tf.errors` of a `tf.data` iterator back into it).
+
+Every source's `repr` is its identity: what decides its documents and their order (class, name,
+a digest of the file list with sizes, format options). A saved data stream records it, so that
+resuming on other input is refused.
 """
 
 import codecs
 import collections
 import copy
 import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -50,6 +57,13 @@ PYTHON_BATCH = 256
 # Bytes of each text file decoded by `check()` before training.
 CHECKED_PREFIX_BYTES = 1 << 16
 HELD_OUT_BUCKETS = 1_000_000
+# A TFRecord record: its data's length (8 bytes) and the length's CRC (4), the data, its CRC (4).
+TFRECORD_HEADER_BYTES = 12
+TFRECORD_FRAMING_BYTES = 16
+# `TFRecordDataset`'s words for a record whose CRC fails and one the file ends inside.
+_TFRECORD_DATA_LOSS = re.compile(r"(corrupted|truncated) record at (\d+)")
+# Bytes read at once when walking a TFRecord file's record headers.
+HEADER_READ_BYTES = 1 << 16
 
 
 class DataError(ValueError):
@@ -232,12 +246,16 @@ class DocumentSource:
     def __init__(self, name):
         self.name = name
 
-    def documents(self, num_hosts=1, host_index=0):
+    def documents(self, num_hosts=1, host_index=0, shuffle_seed=None):
         """This host's share of the documents, in a deterministic order.
 
         Args:
             num_hosts: int >= 1, hosts reading the corpus (e.g. `jax.process_count()`).
             host_index: int, this host (e.g. `jax.process_index()`).
+            shuffle_seed: None reads the files once, in sorted order; an int reads them epoch
+                after epoch, endlessly, each epoch in an order drawn from the seed and the
+                epoch's number (so a saved iterator state restores it). Sources without files
+                ignore it (and read once).
 
         Returns:
             A `tf.data.Dataset` of scalar `tf.string`.
@@ -256,8 +274,17 @@ class DocumentSource:
         """A one-line message for a `tf.errors.OpError` raised while reading, or None."""
         return None
 
+    # The attributes (format options) that decide the documents, for `identity`.
+    identity_options = ()
+
+    def identity(self):
+        """What, besides the class and name, decides the documents and their order, as
+        `{key: value}`; `repr` shows it (and a saved data stream records the `repr`)."""
+        return {option: getattr(self, option) for option in self.identity_options}
+
     def __repr__(self):
-        return f"{type(self).__name__}(name={self.name!r})"
+        details = "".join(f", {key}={value!r}" for key, value in self.identity().items())
+        return f"{type(self).__name__}(name={self.name!r}{details})"
 
 
 def _check_host(num_hosts, host_index):
@@ -290,7 +317,7 @@ class DocumentList(DocumentSource):
             raise TypeError(f"{name}: DocumentList takes a list of `str` documents.")
         self.document_list = documents
 
-    def documents(self, num_hosts=1, host_index=0):
+    def documents(self, num_hosts=1, host_index=0, shuffle_seed=None):
         _check_host(num_hosts, host_index)
         return checkpointable(
             tf.data.Dataset.from_tensor_slices(
@@ -301,6 +328,12 @@ class DocumentList(DocumentSource):
     def check(self):
         if not self.document_list:
             raise DataError(f"{self.name}: the document list is empty.")
+
+    def identity(self):
+        digest = hashlib.sha256()
+        for document in self.document_list:
+            digest.update(hashlib.sha256(document.encode("utf-8")).digest())
+        return {"documents": len(self.document_list), "sha256": digest.hexdigest()[:16]}
 
 
 class FileSource(DocumentSource):
@@ -320,16 +353,19 @@ class FileSource(DocumentSource):
         self.files = expand_paths(paths, self.name)
         self.files_per_host = files_per_host
         self.files_read_at_once = files_read_at_once
+        self._listing = None  # A digest of the file names and sizes, once asked for.
 
     def shards_by_file(self, num_hosts):
         """Whether `documents(num_hosts, ...)` splits the files (rather than their elements)."""
         return num_hosts == 1 or len(self.files) >= self.files_per_host * num_hosts
 
-    def documents(self, num_hosts=1, host_index=0):
+    def documents(self, num_hosts=1, host_index=0, shuffle_seed=None):
         _check_host(num_hosts, host_index)
         by_file = self.shards_by_file(num_hosts)
         files = self.files[host_index::num_hosts] if by_file else self.files
-        documents = tf.data.Dataset.from_tensor_slices(files).interleave(
+        # Sharding by element needs every host to read the files in the same order: the same
+        # seed on every host gives it.
+        documents = _read_order(files, shuffle_seed).interleave(
             self.read_file,
             cycle_length=min(len(files), self.files_read_at_once),
             num_parallel_calls=min(len(files), self.files_read_at_once),
@@ -350,8 +386,37 @@ class FileSource(DocumentSource):
     def check_file(self, path):
         """Check the start of one file (a Python `str` path)."""
 
-    def __repr__(self):
-        return f"{type(self).__name__}(name={self.name!r}, files={len(self.files)})"
+    def identity(self):
+        if self._listing is None:
+            listing = [(path, tf.io.gfile.stat(path).length) for path in sorted(self.files)]
+            self._listing = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+        return {
+            "files": len(self.files),
+            "listing_sha256": self._listing,  # Names and sizes: not the contents (not read).
+            "files_per_host": self.files_per_host,
+            "files_read_at_once": self.files_read_at_once,
+            **super().identity(),
+        }
+
+
+def _read_order(files, shuffle_seed):
+    """A dataset of `files` (or one item per file) in their order, once; or, with a seed,
+    epoch after epoch forever, each in its own order drawn from `(seed, epoch)`.
+
+    The epochs are counted inside the pipeline (not `shuffle(reshuffle_each_iteration=True)`
+    under a `repeat`, whose reshuffling a restored iterator does not continue), so a saved
+    iterator state restores the order of every later epoch too.
+    """
+    if shuffle_seed is None:
+        return tf.data.Dataset.from_tensor_slices(files)
+    files = tf.constant(files)
+    seed = tf.constant(shuffle_seed, tf.int64)
+
+    def epoch_order(epoch):
+        order = tf.random.experimental.stateless_shuffle(files, seed=tf.stack([seed, epoch]))
+        return tf.data.Dataset.from_tensor_slices(order)
+
+    return tf.data.Dataset.counter().flat_map(epoch_order)
 
 
 class TextFiles(FileSource):
@@ -372,6 +437,8 @@ class TextFiles(FileSource):
     >>> [d.decode() for d in TextFiles(str(path)).documents().as_numpy_iterator()]
     ['One.', 'Two,\\nthree.']
     """
+
+    identity_options = ("document_boundary",)
 
     def __init__(self, paths, document_boundary="blank_line", **kwargs):
         if document_boundary not in DOCUMENT_BOUNDARIES:
@@ -448,6 +515,8 @@ class JsonLines(FileSource):
     ['One.', 'Two.']
     """
 
+    identity_options = ("field",)
+
     def __init__(self, paths, field="text", **kwargs):
         super().__init__(paths, **kwargs)
         self.field = field
@@ -506,14 +575,19 @@ class JsonLines(FileSource):
 class TFRecordFiles(FileSource):
     """TFRecord files of `tf.train.Example`s, the document's text in the bytes feature `field`.
 
-    A record without the feature (or with several values in it), text that is not UTF-8, or a
-    corrupt record stops the stream with a `DataError` naming the file and record.
+    A record without the feature (or with several values in it), text that is not UTF-8, a
+    corrupt record (failed checksum), or a file that ends inside a record stops the stream with
+    a `DataError` naming the file, record and byte offset. `tf.data.TFRecordDataset` itself
+    ends a file silently when it is cut inside a record's header, so the bytes the records span
+    are compared with the file's at its end (a `.gz` file is decompressed a second time then).
 
     Args:
         paths: a path or glob pattern, or a list of them.
         field: the feature holding the text. Defaults to `"text"`.
         name, files_per_host, files_read_at_once: see `FileSource`.
     """
+
+    identity_options = ("field",)
 
     def __init__(self, paths, field="text", **kwargs):
         super().__init__(paths, **kwargs)
@@ -541,8 +615,36 @@ class TFRecordFiles(FileSource):
                 ),
             )
 
+        # `TFRecordDataset` ends silently at a record cut inside its 12-byte header, so the
+        # records read must span the whole file: an empty batch (`batch` makes none) marks
+        # the file's end, where the bytes they span are compared with the file's.
+        end_of_file = tf.data.Dataset.from_tensors(
+            (tf.zeros([0], tf.int64), tf.zeros([0], tf.string))
+        )
+
+        def spanned(records_and_offset, batch):
+            numbers, serialized = batch
+            records_read, offset = records_and_offset
+            serialized = tf.cond(
+                tf.size(serialized) > 0,
+                lambda: serialized,
+                lambda: tf.py_function(
+                    _check_tfrecord_end, [path, records_read, offset], Tout=tf.string
+                ),
+            )
+            lengths = tf.cast(tf.strings.length(serialized), tf.int64) + TFRECORD_FRAMING_BYTES
+            state = (
+                records_read + tf.size(serialized, out_type=tf.int64),
+                offset + tf.reduce_sum(lengths),
+            )
+            return state, (numbers, tf.ensure_shape(serialized, [None]))
+
+        zero = tf.constant(0, tf.int64)
         return (
             _numbered_batches(records, 0)
+            .concatenate(end_of_file)
+            .scan((zero, zero), spanned)
+            .filter(lambda numbers, batch: tf.size(batch) > 0)
             .map(lambda numbers, batch: tf.ensure_shape(texts(numbers, batch), [None]))
             .unbatch()
         )
@@ -570,6 +672,11 @@ class TFRecordFiles(FileSource):
         raise AssertionError("no bad record in the batch")  # Unreachable: checked in-graph.
 
     def check(self):
+        """Reads the first record of every file, and walks the record lengths of every
+        uncompressed file to its end (12 bytes read per record; `.gz` files are read whole
+        while streaming): a file cut short (a truncated last record) is found before
+        training."""
+
         def first_record(path):
             records = tf.data.TFRecordDataset(path, _text_compression(path))
             none = tf.data.Dataset.from_tensors((False, tf.constant(b"")))
@@ -577,9 +684,16 @@ class TFRecordFiles(FileSource):
 
         firsts = iter(tf.data.Dataset.from_tensor_slices(self.files).flat_map(first_record))
         for path in self.files:
+            if not _compression(path):
+                cut = _tfrecord_cut_record(path)
+                if cut is not None:
+                    raise _damaged_tfrecord(path, "truncated", *cut)
             try:
                 found, serialized = (value.numpy() for value in next(firsts))
             except tf.errors.OpError as error:
+                damage = _TFRECORD_DATA_LOSS.search(str(error))
+                if damage is not None:
+                    raise _damaged_tfrecord(path, damage[1], 0, 0) from None
                 raise DataError(
                     f"{path}: not a readable TFRecord shard ({error.message.splitlines()[0]}). "
                     "Re-create the shard or leave it out."
@@ -596,30 +710,100 @@ class TFRecordFiles(FileSource):
                 ) from None
 
     def describe_error(self, error):
-        match = re.search(r"corrupted record at (\d+)", str(error))
-        if not isinstance(error, tf.errors.DataLossError) or match is None:
+        damage = _TFRECORD_DATA_LOSS.search(str(error))
+        if not isinstance(error, tf.errors.DataLossError) or damage is None:
             return None
-        offset = int(match[1])
+        kind, offset = damage[1], int(damage[2])
         for path in self.files:
             if _compression(path) or tf.io.gfile.stat(path).length > offset:
-                try:
-                    for _ in tf.data.TFRecordDataset(path, _compression(path)):
-                        pass
-                except tf.errors.DataLossError:
-                    return (
-                        f"{path}: corrupt TFRecord shard (bad record at byte {offset}). "
-                        "Re-create the shard or leave it out."
-                    )
-        return f"{self.name}: a TFRecord shard is corrupt (bad record at byte {offset})."
+                found = _first_tfrecord_damage(path)
+                if found is not None and found[0] == kind and found[3] == offset:
+                    return str(_damaged_tfrecord(path, *found[:3]))
+        adjective = "corrupt" if kind == "corrupted" else kind
+        return f"{self.name}: a TFRecord shard is {adjective} (record at byte {offset})."
+
+
+def _damaged_tfrecord(path, kind, number, offset):
+    problem = {
+        "corrupted": f"corrupt TFRecord shard: record {number} (at byte {offset}) fails its "
+        "checksum",
+        "truncated": f"truncated TFRecord shard: the file ends inside record {number} (at byte "
+        f"{offset})",
+    }[kind]
+    return DataError(f"{path}: {problem}. Re-create the shard or leave it out.")
+
+
+def _stream_length(path):
+    """Bytes of a file's content: its size, or what a `.gz` file decompresses to."""
+    if not _compression(path):
+        return tf.io.gfile.stat(path).length
+    with _open_binary(path) as file:
+        return sum(len(chunk) for chunk in iter(lambda: file.read(1 << 20), b""))
+
+
+def _check_tfrecord_end(path, records_read, offset):
+    """End-of-file step of `TFRecordFiles.read_file`: raise unless the `records_read` records
+    read span the whole file (`offset` bytes); returns no record."""
+    path, offset = _as_str(path.numpy()), int(offset.numpy())
+    try:
+        length = _stream_length(path)
+    except (EOFError, OSError) as error:  # gzip's words for a cut or damaged .gz file.
+        raise DataError(
+            f"{path}: the gzip file is damaged ({error}). Re-create the shard or leave it out."
+        ) from None
+    if length != offset:
+        raise _damaged_tfrecord(path, "truncated", int(records_read.numpy()), offset)
+    return np.array([], dtype=object)
+
+
+def _tfrecord_cut_record(path):
+    """`(number, offset)` of the record an uncompressed TFRecord file ends inside (found from
+    the records' lengths, a header read per record), or None when the records fill the file."""
+    size = tf.io.gfile.stat(path).length
+    number = offset = 0
+    with tf.io.gfile.GFile(path, "rb") as file:
+        buffer_start, buffer = 0, b""
+        while offset < size:
+            if size - offset < TFRECORD_HEADER_BYTES:
+                return number, offset
+            if offset + 8 > buffer_start + len(buffer):  # GFile reads are slow: read ahead.
+                file.seek(offset)
+                buffer_start, buffer = offset, file.read(HEADER_READ_BYTES)
+            start = offset - buffer_start
+            length = int.from_bytes(buffer[start : start + 8], "little")
+            if offset + TFRECORD_FRAMING_BYTES + length > size:
+                return number, offset
+            offset += TFRECORD_FRAMING_BYTES + length
+            number += 1
+    return None
+
+
+def _first_tfrecord_damage(path):
+    """`(kind, number, offset, reported_offset)` of the first record `TFRecordDataset` cannot
+    read in a file (reading it whole): "corrupted" or "truncated", the record's number and
+    byte offset, and the offset `TFRecordDataset`'s error names (the record's data, for a
+    failed data checksum). None when every record reads."""
+    number = offset = 0
+    try:
+        for record in tf.data.TFRecordDataset(path, _compression(path)):
+            number += 1
+            offset += len(record.numpy()) + TFRECORD_FRAMING_BYTES
+    except tf.errors.DataLossError as error:
+        damage = _TFRECORD_DATA_LOSS.search(str(error))
+        if damage is not None:
+            return damage[1], number, offset, int(damage[2])
+    return None
 
 
 class ParquetFiles(FileSource):
     """Parquet files, one row per document, the text in the string column `field`.
 
     Each file's footer is read when the source is built (a corrupt or truncated file, or a
-    missing column, is reported then). Rows are read `rows_per_read` at a time from one row
-    group (`pyarrow`), so memory holds a slice, not a file; host sharding splits files, or, with
-    fewer files than hosts, the slices.
+    missing column, is reported then), and `check()` reads each file's first slice. Rows are
+    read `rows_per_read` at a time from one row group (`pyarrow`), so memory holds a slice, not
+    a file; host sharding splits files, or, with fewer files than hosts, the slices. Pages
+    written with checksums (`write_page_checksum=True`) are verified as they are read, so a
+    damaged page is named (file and row group) instead of giving wrong text.
 
     Args:
         paths: a path or glob pattern, or a list of them.
@@ -627,6 +811,8 @@ class ParquetFiles(FileSource):
         rows_per_read: rows per read. Defaults to 256.
         name, files_per_host: see `FileSource`.
     """
+
+    identity_options = ("field", "rows_per_read")
 
     def __init__(self, paths, field="text", rows_per_read=PYTHON_BATCH, **kwargs):
         import pyarrow.parquet
@@ -656,22 +842,34 @@ class ParquetFiles(FileSource):
                     slices.append((file_index, group, start, min(rows_per_read, rows - start)))
         self.slices = np.array(slices, dtype=np.int64).reshape(-1, 4)
 
-    def documents(self, num_hosts=1, host_index=0):
+    def documents(self, num_hosts=1, host_index=0, shuffle_seed=None):
         _check_host(num_hosts, host_index)
         slices = self.slices
         if self.shards_by_file(num_hosts):
             slices = slices[slices[:, 0] % num_hosts == host_index]
         else:
             slices = slices[host_index::num_hosts]
+        # The slices of each file lie together: `[start, end)` of each file's, in file order.
+        _, starts = np.unique(slices[:, 0], return_index=True)
+        spans = np.stack([starts, np.append(starts[1:], len(slices))], axis=1)
+        all_slices = tf.constant(slices)
+        units = _read_order(spans, shuffle_seed).flat_map(
+            lambda span: tf.data.Dataset.from_tensor_slices(all_slices[span[0] : span[1]])
+        )
         reader = _ParquetSliceReader(self)
         read = lambda s: tf.ensure_shape(tf.py_function(reader.read, [s], Tout=tf.string), [None])
         documents = (
-            tf.data.Dataset.from_tensor_slices(slices)
-            .map(read)  # Sequential: the reader keeps one row group open.
+            units.map(read)  # Sequential: the reader keeps one row group open.
             .prefetch(2)
             .unbatch()
         )
         return checkpointable(documents)
+
+    def check(self):
+        reader = _ParquetSliceReader(self)
+        _, first_slice_of_each_file = np.unique(self.slices[:, 0], return_index=True)
+        for unit in self.slices[first_slice_of_each_file]:
+            reader.texts(*(int(value) for value in unit))
 
 
 class _ParquetSliceReader:
@@ -687,15 +885,19 @@ class _ParquetSliceReader:
         self.batches = None
 
     def read(self, unit):
-        file_index, group, start, length = (int(value) for value in unit.numpy())
+        return self.texts(*(int(value) for value in unit.numpy()))
+
+    def texts(self, file_index, group, start, length):
+        """The UTF-8 texts of one slice, or a `DataError` naming the file and row group."""
         path = self.source.files[file_index]
         try:
             texts = self._rows(file_index, group, start, length)
         except Exception as error:  # pyarrow's errors for corrupt pages.
             self.position = None
+            reason = (str(error).strip() or type(error).__name__).splitlines()[0]
             raise DataError(
                 f"{path}: row group {group} (rows {start}-{start + length - 1}) is unreadable "
-                f"({error}). Re-create the file or leave it out."
+                f"({reason}). Re-create the file or leave it out."
             ) from None
         return np.array([text.encode("utf-8") if text else b"" for text in texts], dtype=object)
 
@@ -704,7 +906,9 @@ class _ParquetSliceReader:
 
         rows_per_read = self.source.rows_per_read
         if self.position != (file_index, group, start):
-            parquet_file = pyarrow.parquet.ParquetFile(self.source.files[file_index])
+            parquet_file = pyarrow.parquet.ParquetFile(
+                self.source.files[file_index], page_checksum_verification=True
+            )
             batches = parquet_file.iter_batches(
                 batch_size=rows_per_read, row_groups=[group], columns=[self.source.field]
             )
@@ -746,6 +950,8 @@ class HuggingFaceDataset(DocumentSource):
     ['One.', 'Two.']
     """
 
+    identity_options = ("field", "streaming")
+
     def __init__(self, dataset, field="text", name=None):
         import datasets
 
@@ -766,7 +972,18 @@ class HuggingFaceDataset(DocumentSource):
                 f"{', '.join(columns)}). Name the column holding the text with field=NAME."
             )
 
-    def documents(self, num_hosts=1, host_index=0):
+    def identity(self):
+        info = getattr(self.dataset, "info", None)
+        described = {
+            "dataset": getattr(info, "dataset_name", None),
+            "config": getattr(info, "config_name", None),
+            "split": str(self.dataset.split),
+        }
+        if not self.streaming:
+            described["rows"] = len(self.dataset)
+        return {**super().identity(), **described}
+
+    def documents(self, num_hosts=1, host_index=0, shuffle_seed=None):
         _check_host(num_hosts, host_index)
         if self.streaming:
             return self._streamed(num_hosts, host_index)

@@ -43,16 +43,20 @@ training tokens (rows). GLaM's own mixture over its six sources (`GLAM_MIXTURE`)
 """
 
 import collections
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
+import threading
 
 import numpy as np
 import tensorflow as tf
 
 from keras_glam.data import sources as sources_lib
+from keras_glam.data.packing import pack_documents
 from keras_glam.data.packing import packed_lm_dataset
 from keras_glam.data.quality import DEFAULT_ALPHA
 from keras_glam.data.quality import FilteredSource
@@ -394,9 +398,11 @@ class StreamingData:
         kept = [(s, w) for s, w in zip(sources, weights) if w > 0]
         return cls([s for s, _ in kept], tokenizer, weights=[w for _, w in kept], **kwargs)
 
-    def split_documents(self, source, held_out=False):
-        """This host's training (or held-out) documents of `source`, in its order."""
-        return self._split(source.documents(self.num_hosts, self.host_index), held_out)
+    def split_documents(self, source, held_out=False, shuffle_seed=None):
+        """This host's training (or held-out) documents of `source`, in its order (files
+        shuffled per epoch with `shuffle_seed`, see `DocumentSource.documents`)."""
+        documents = source.documents(self.num_hosts, self.host_index, shuffle_seed)
+        return self._split(documents, held_out)
 
     def _split(self, documents, held_out):
         def select(texts):
@@ -418,11 +424,9 @@ class StreamingData:
             source.check()
             first = source.first_documents(max_documents, self.num_hosts, self.host_index)
             documents = self._split(first, held_out=False)
-            try:
+            with self.reading():
                 has_text = documents.filter(lambda text: tf.strings.length(text) > 0)
                 found = any(True for _ in has_text.take(1))
-            except tf.errors.OpError as error:
-                raise DataError(self.describe_error(error) or str(error)) from None
             if not found:
                 raise DataError(
                     f"{source.name}: no training document with text among its first "
@@ -437,7 +441,12 @@ class StreamingData:
             A `tf.data.Dataset` of `(x, y, sample_weight)` (see
             `keras_glam.data.packing.causal_lm_example`), `[batch_size, sequence_length]`.
         """
-        documents = [self.split_documents(source, held_out=False) for source in self.sources]
+        # Files are read in a new order each epoch, unless shuffling is off.
+        shuffle_seed = seed if self.shuffle_buffer else None
+        documents = [
+            self.split_documents(source, held_out=False, shuffle_seed=shuffle_seed)
+            for source in self.sources
+        ]
         dataset = packed_lm_dataset(
             documents,
             self.tokenizer,
@@ -468,27 +477,27 @@ class StreamingData:
         known length.
 
         Raises:
-            DataError: no source has a held-out document.
+            DataError: no source has a held-out document, or one the reading stops at.
         """
         documents = self.held_out_texts()
-        try:
-            batches = packed_lm_dataset(
-                documents,
-                self.tokenizer,
-                sequence_length=self.sequence_length,
-                batch_size=self.batch_size,
-                shuffle_buffer=0,
-                drop_remainder=False,
-            )
-        except ValueError:
-            raise DataError(
-                f"No held-out document: none of the sources' documents falls in the held-out "
-                f"share ({self.held_out_fraction}). Add documents or raise the held-out fraction."
-            ) from None
-        except tf.errors.OpError as error:
-            raise DataError(self.describe_error(error) or str(error)) from None
-        held_out = pad_batches(batches, self.batch_size).cache()
-        count = sum(1 for _ in held_out)
+        with self.reading():
+            try:
+                batches = packed_lm_dataset(
+                    documents,
+                    self.tokenizer,
+                    sequence_length=self.sequence_length,
+                    batch_size=self.batch_size,
+                    shuffle_buffer=0,
+                    drop_remainder=False,
+                )
+            except ValueError:
+                raise DataError(
+                    f"No held-out document: none of the sources' documents falls in the "
+                    f"held-out share ({self.held_out_fraction}). Add documents or raise the "
+                    "held-out fraction."
+                ) from None
+            held_out = pad_batches(batches, self.batch_size).cache()
+            count = sum(1 for _ in held_out)
         return held_out.apply(tf.data.experimental.assert_cardinality(count))
 
     def unigram_entropy(self, held_out, seed=0, baseline_tokens=2**20):
@@ -498,16 +507,19 @@ class StreamingData:
         counts = np.zeros(self.tokenizer.vocabulary_size(), dtype="float64")
         tokens_per_batch = self.batch_size * self.sequence_length
         batches = self.training_dataset(seed).take(max(1, -(-baseline_tokens // tokens_per_batch)))
-        for _, labels, sample_weight in batches.as_numpy_iterator():
-            counts += np.bincount(labels[sample_weight > 0], minlength=len(counts))
+        with self.reading():
+            for _, labels, sample_weight in batches.as_numpy_iterator():
+                counts += np.bincount(labels[sample_weight > 0], minlength=len(counts))
         return unigram_cross_entropy(counts, held_out)
 
     def fingerprint(self, seed):
-        """A description of the stream `seed` produces (sources, weights, shapes, sharding),
+        """A description of the stream `seed` produces (each source's identity, see
+        `DocumentSource.identity`; the tokenizer's vocabulary; weights, shapes, sharding),
         stored with the iterator's checkpoint to refuse resuming on another input."""
         return json.dumps(
             {
                 "sources": [repr(source) for source in self.sources],
+                "tokenizer": tokenizer_identity(self.tokenizer),
                 "weights": self.weights,
                 "sequence_length": self.sequence_length,
                 "batch_size": self.batch_size,
@@ -520,22 +532,66 @@ class StreamingData:
         )
 
     def training_iterator(self, seed, window=64):
-        """A `DataIterator` over `training_dataset(seed)` (restore it with `.restore`)."""
+        """A `DataIterator` over `training_dataset(seed)` (restore it with `.restore`). With
+        several hosts its files carry the host's index, so that every host's state can sit in
+        one checkpoint directory."""
         return DataIterator(
             self.training_dataset(seed),
             window=window,
             describe_error=self.describe_error,
             fingerprint=self.fingerprint(seed),
+            file_prefix=data_file_prefix(self.num_hosts, self.host_index),
         )
+
+    def training_tokens(self, at_most):
+        """Tokens (as packed, `<s>` and `</s>` included) of this host's training documents,
+        counted source after source until `at_most`: a bounded read, which tells a corpus
+        smaller than one batch from a larger one without reading the larger one through."""
+        total = 0
+        for source in self.sources:
+            rows = pack_documents(
+                self.split_documents(source, held_out=False),
+                self.tokenizer,
+                sequence_length=self.sequence_length,
+            )
+            needed_rows = -(-(at_most - total) // self.sequence_length)
+            with self.reading():
+                for row in rows.take(needed_rows).as_numpy_iterator():
+                    total += int(np.count_nonzero(row["segment_ids"]))
+            if total >= at_most:
+                break
+        return total
 
     def describe_error(self, error):
         """The one-line message for a `tf.errors.OpError` of these sources, or None."""
         return sources_lib.describe_data_error(error, self.sources)
 
+    @contextlib.contextmanager
+    def reading(self):
+        """Reads of these sources inside become one-line `DataError`s when `tf.data` stops
+        them (a bad line in a shard: the file and line)."""
+        try:
+            yield
+        except tf.errors.OpError as error:
+            raise DataError(self.describe_error(error) or str(error)) from None
 
-ITERATOR_PREFIX = "data_iterator"
-PENDING_FILE = "data_pending.npz"
-STATE_FILE = "data_iterator.json"
+
+def tokenizer_identity(tokenizer):
+    """The tokenizer's class and a digest of its vocabulary (a SentencePiece model's bytes, or
+    the list of tokens), for `StreamingData.fingerprint`."""
+    proto = getattr(tokenizer, "proto", None)
+    vocabulary = proto if isinstance(proto, bytes) else json.dumps(tokenizer.get_vocabulary())
+    digest = hashlib.sha256(vocabulary if isinstance(vocabulary, bytes) else vocabulary.encode())
+    return f"{type(tokenizer).__name__}(vocabulary_sha256={digest.hexdigest()[:16]})"
+
+
+DATA_FILE_PREFIX = "data"
+
+
+def data_file_prefix(num_hosts=1, host_index=0):
+    """How a host's `DataIterator` files begin: `data` for a single host, `data-host00003`
+    for host 3 of several (so hosts' files never collide in one directory)."""
+    return DATA_FILE_PREFIX if num_hosts == 1 else f"{DATA_FILE_PREFIX}-host{host_index:05d}"
 
 
 class DataIterator:
@@ -545,17 +601,28 @@ class DataIterator:
     trains; the iterator keeps the last `window` batches, so that saving at the trained
     position stores the `tf.data` iterator's state (at the batch last pulled) plus the batches
     pulled beyond the trained position, and a restored iterator hands those out first.
-    `rewind` goes back to a position still in the window (a new `fit` call after the previous
-    one pulled ahead).
+
+    Batches have indices (0, 1, ... from the stream's start). Every generator (`batches(p)`)
+    and every `tf.data` iterator of `dataset(p)` has its own cursor, from `p`: Keras makes two
+    iterators per `fit` and drops one, and a late pull from it hands out a batch already
+    kept (or pulls the next one) without moving another's. `position` is one past the
+    furthest batch handed out.
 
     Batches are NumPy structures. A data error raised by the pipeline becomes a `DataError`
-    with one line naming the file (see `keras_glam.data.sources`).
+    with one line naming the file (see `keras_glam.data.sources`), kept as `error`: inside
+    `dataset()` `tf.data` turns it into a `tf.errors` error, and the trainer raises `error`
+    instead.
 
     Args:
-        dataset: an endless `tf.data.Dataset` (a finite one raises `StopIteration` at its end).
-        window: batches kept for saving and rewinding.
+        dataset: an endless `tf.data.Dataset` (a finite one ends the generators at its end).
+        window: batches kept for saving and handing out again.
         describe_error: callable turning a `tf.errors.OpError` into a message, or None.
         fingerprint: a string saved with the state and compared on restore.
+        file_prefix: how the names of the saved files begin (`data_file_prefix`).
+
+    Saving may run on another thread than the one pulling batches (Keras' `fit` pulls from a
+    `tf.data` thread while a callback saves): a lock keeps the saved iterator state and the
+    saved pending batches consistent.
 
     Example:
     ```python
@@ -569,91 +636,116 @@ class DataIterator:
     ```
     """
 
-    def __init__(self, dataset, window=64, describe_error=None, fingerprint=""):
+    def __init__(
+        self, dataset, window=64, describe_error=None, fingerprint="", file_prefix=DATA_FILE_PREFIX
+    ):
         self._structure = dataset.element_spec
         self._iterator = iter(dataset)
         self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
         self._window = collections.deque(maxlen=window)  # (index, batch) of the last pulls
         self._pulled = 0  # Batches pulled from the dataset (the next one's index).
-        self.position = 0  # Index of the next batch handed out.
+        self.position = 0  # One past the furthest batch handed out.
+        self.error = None  # The `DataError` that stopped the stream, if one did.
         self._describe_error = describe_error
+        self._lock = threading.Lock()
         self.fingerprint = fingerprint
+        self.iterator_prefix = f"{file_prefix}_iterator"
+        self.pending_file = f"{file_prefix}_pending.npz"
+        self.state_file = f"{file_prefix}_iterator.json"
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self.position < self._pulled:
-            batch = self._window[self.position - self._window[0][0]][1]
-        else:
-            batch = self._pull()
-        self.position += 1
-        return batch
+        """The batch after the furthest handed out."""
+        return self._batch_at(self.position)
+
+    def _batch_at(self, index):
+        with self._lock:
+            self._check_kept(index, "hand out")
+            while self._pulled <= index:
+                self._pull()
+            self.position = max(self.position, index + 1)
+            return self._window[index - self._first_kept()][1]
 
     def _pull(self):
+        """Pulls the next batch into the window (with the lock held)."""
         try:
             batch = next(self._iterator)
         except tf.errors.OpError as error:
             message = self._describe_error(error) if self._describe_error else None
             if message:
-                raise DataError(message) from None
+                self.error = DataError(message)
+                raise self.error from None
             raise
         batch = tf.nest.map_structure(lambda tensor: tensor.numpy(), batch)
         self._window.append((self._pulled, batch))
         self._pulled += 1
-        return batch
 
     def _first_kept(self):
         return self._pulled - len(self._window)
 
-    def rewind(self, position):
-        """Hand out batches again from `position` (one of the last `window` pulled)."""
+    def _check_kept(self, position, action):
         if not self._first_kept() <= position <= self._pulled:
             raise ValueError(
-                f"Cannot rewind to batch {position}: batches {self._first_kept()} to "
+                f"Cannot {action} batch {position}: batches {self._first_kept()} to "
                 f"{self._pulled} are kept (raise `window`)."
             )
-        self.position = position
 
-    def batches(self, position=None):
-        """A generator of batches from `position` (default: the current one)."""
-        if position is not None:
-            self.rewind(position)
+    def batches(self, position):
+        """A generator of batches from `position` (one of the last `window` pulled, or the
+        next one), with its own cursor.
+
+        Raises:
+            ValueError: `position` is no longer kept (raise `window`).
+        """
+        with self._lock:
+            self._check_kept(position, "hand out")
+        return self._batches_from(position)
+
+    def _batches_from(self, position):
         while True:
-            yield next(self)
+            try:
+                batch = self._batch_at(position)
+            except StopIteration:  # A finite dataset's end.
+                return
+            yield batch
+            position += 1
 
-    def dataset(self, position=None):
+    def dataset(self, position):
         """A `tf.data.Dataset` over `batches(position)`, for `fit` (KerasHub tasks take
-        datasets, not generators). Each iterator made from it starts at `position` (default:
-        wherever this iterator is then); Keras' own prefetching pulls a few batches ahead,
-        which the window keeps."""
+        datasets, not generators). Each iterator made from it starts at `position`; Keras' own
+        prefetching pulls a few batches ahead, which the window keeps."""
         return tf.data.Dataset.from_generator(
             lambda: self.batches(position), output_signature=self._structure
         )
 
-    def save(self, directory, position=None):
-        """Writes the state at `position` (batches trained on; default: handed out) into
-        `directory` (which must exist), as `data_iterator.index`, `data_iterator.data-*`,
-        `data_pending.npz` and `data_iterator.json`.
+    def save(self, directory, position):
+        """Writes the state at `position` (the batches trained on) into `directory` (which
+        must exist), as `<prefix>_iterator.index`, `<prefix>_iterator.data-*`,
+        `<prefix>_pending.npz` and `<prefix>_iterator.json` (`file_prefix`, `data` by
+        default).
+
+        Before any batch was pulled, saving pulls the first one (kept as pending): the
+        `tf.data` iterator's saved state then holds its shuffle seeds, which a restored
+        iterator would otherwise draw from TensorFlow's global seed.
 
         Returns:
             The names of the files written (to fsync or checksum with the checkpoint).
         """
-        position = self.position if position is None else position
-        if not self._first_kept() <= position <= self._pulled:
-            raise ValueError(
-                f"Cannot save at batch {position}: batches {self._first_kept()} to "
-                f"{self._pulled} are kept (raise `window`)."
-            )
-        self._checkpoint.write(os.path.join(directory, ITERATOR_PREFIX))
-        pending = [batch for index, batch in self._window if index >= position]
+        with self._lock:
+            if self._pulled == 0:
+                self._pull()
+            self._check_kept(position, "save at")
+            self._checkpoint.write(os.path.join(directory, self.iterator_prefix))
+            pending = [batch for index, batch in self._window if index >= position]
         arrays = {
             f"batch{i}_{j}": value
             for i, batch in enumerate(pending)
             for j, value in enumerate(tf.nest.flatten(batch))
         }
-        np.savez(os.path.join(directory, PENDING_FILE), **arrays)
-        with open(os.path.join(directory, STATE_FILE), "w", encoding="utf-8") as file:
+        np.savez(os.path.join(directory, self.pending_file), **arrays)
+        with open(os.path.join(directory, self.state_file), "w", encoding="utf-8") as file:
             json.dump(
                 {"position": position, "pending": len(pending), "fingerprint": self.fingerprint},
                 file,
@@ -661,28 +753,35 @@ class DataIterator:
         return sorted(
             name
             for name in os.listdir(directory)
-            if name.startswith(ITERATOR_PREFIX) or name == PENDING_FILE
+            if name.startswith(f"{self.iterator_prefix}.") or name == self.pending_file
         )
+
+    def has_state(self, directory):
+        """Whether `directory` holds a state this iterator's `save` wrote (of any input)."""
+        return os.path.isfile(os.path.join(directory, self.state_file))
 
     def restore(self, directory):
         """Continues from the state saved in `directory`; returns the position saved there.
 
         Raises:
-            ValueError: the directory holds no iterator state, or one saved for another input.
+            ValueError: the directory holds no iterator state, or one saved for another input
+                (naming what differs).
         """
-        path = os.path.join(directory, STATE_FILE)
-        if not os.path.isfile(path):
-            raise ValueError(f"{directory} holds no data iterator state ({STATE_FILE}).")
-        with open(path, encoding="utf-8") as file:
+        if not self.has_state(directory):
+            raise ValueError(f"{directory} holds no data iterator state ({self.state_file}).")
+        with open(os.path.join(directory, self.state_file), encoding="utf-8") as file:
             state = json.load(file)
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(
-                f"The data iterator state in {directory} was saved for another input (other "
-                "--data, --mixture, shapes, hosts or seed); resume with the same settings."
+                f"The data iterator state in {directory} was saved for another input "
+                f"({_fingerprint_difference(state['fingerprint'], self.fingerprint)} differ: "
+                "--data files or options, --document-boundary, vocabulary, --mixture, shapes, "
+                "hosts or seed). Resume with the same settings, or start a new run in another "
+                "--output."
             )
-        self._checkpoint.read(os.path.join(directory, ITERATOR_PREFIX)).assert_consumed()
+        self._checkpoint.read(os.path.join(directory, self.iterator_prefix)).assert_consumed()
         template = tf.nest.flatten(self._structure)
-        with np.load(os.path.join(directory, PENDING_FILE)) as arrays:
+        with np.load(os.path.join(directory, self.pending_file)) as arrays:
             pending = [
                 tf.nest.pack_sequence_as(
                     self._structure, [arrays[f"batch{i}_{j}"] for j in range(len(template))]
@@ -690,9 +789,21 @@ class DataIterator:
                 for i in range(state["pending"])
             ]
         position = state["position"]
-        self._window = collections.deque(
-            ((position + i, batch) for i, batch in enumerate(pending)), maxlen=self._window.maxlen
-        )
-        self._pulled = position + len(pending)
-        self.position = position
+        with self._lock:
+            self._window = collections.deque(
+                ((position + i, batch) for i, batch in enumerate(pending)),
+                maxlen=self._window.maxlen,
+            )
+            self._pulled = position + len(pending)
+            self.position = position
         return position
+
+
+def _fingerprint_difference(saved, current):
+    """The keys in which two `StreamingData.fingerprint`s differ, as a phrase."""
+    try:
+        saved, current = json.loads(saved), json.loads(current)
+    except ValueError:
+        return "the descriptions"
+    keys = sorted(key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key))
+    return ", ".join(keys) or "the descriptions"

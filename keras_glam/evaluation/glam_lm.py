@@ -42,8 +42,10 @@ class GLaMLM(TemplateLM):
     Args:
         model: a `GLaMCausalLM`, or a preset handle (builtin name, directory, `hf://org/name`).
             It must have a tokenizer.
-        batch_size: requests per forward pass (scoring) and prompts per batch (generation);
-            None sizes the scoring passes automatically.
+        batch_size: distinct contexts per scoring pass (the choices of a question share their
+            context's pass, and their continuations run in passes of up to `batch_size` rounded
+            up to a power of two rows) and prompts per batch (generation); None sizes the
+            scoring passes automatically (about 2048 tokens) and generates 16 prompts at once.
         max_length: the most tokens the model reads at once; None: the preprocessor's
             `sequence_length` (the training length of a preset saved by `glam-train`).
 

@@ -12,7 +12,9 @@ checkpoints/<name>/            a checkpoint directory under its local name,
     model.weights.h5           "ckpt-<sequence>-step-<step>": the sequence orders checkpoints
     optimizer.npz              here as it does locally (a rollback's checkpoint is the newest)
     state.json
-    manifest.json              size and SHA-256 of the three files; the commit's last file
+    data_iterator.*, ...       the extra files `state.json` lists (a streamed run's data
+                               position: `keras_glam.data.streaming.DataIterator.save`)
+    manifest.json              size and SHA-256 of every other file; the commit's last file
 ```
 
 The newest `keep` checkpoint folders stay in the tree; older ones leave it in the same commit and
@@ -36,7 +38,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import shutil
 import tempfile
 import threading
@@ -63,9 +64,11 @@ from keras_glam.hub.retry import call_with_retries
 from keras_glam.hub.retry import redact
 from keras_glam.models.parameter_count import count_params
 from keras_glam.training.checkpointing import CHECKPOINT_FILES
+from keras_glam.training.checkpointing import PLAIN_FILE_NAME
 from keras_glam.training.checkpointing import STATE_FILE
 from keras_glam.training.checkpointing import CheckpointManager
 from keras_glam.training.checkpointing import CorruptCheckpointError
+from keras_glam.training.checkpointing import listed_files
 from keras_glam.training.checkpointing import parse_checkpoint_name
 from keras_glam.utils.atomic_files import file_sha256
 
@@ -74,7 +77,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_FOLDER = "checkpoints"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "keras_glam.hub_checkpoint.v1"
-_PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _CHECKPOINT_DESCRIPTION = (
     "A training checkpoint of a GLaM (Du et al., 2021) mixture-of-experts language model, pushed "
     "by keras_glam's `HubCheckpoint` while training. The repository root is a Keras preset with "
@@ -211,7 +213,7 @@ def _read_manifest(path, remote):
             raise _IncompleteCheckpoint(f"its {MANIFEST_FILE} does not list {name}")
     for name, expected in files.items():
         if (
-            not _PLAIN_FILE_NAME.fullmatch(name)
+            not PLAIN_FILE_NAME.fullmatch(name)
             or not isinstance(expected, dict)
             or not isinstance(expected.get("bytes"), int)
             or not isinstance(expected.get("sha256"), str)
@@ -440,9 +442,9 @@ class CheckpointRepository:
         metrics = training_metrics(_read_state(checkpoint), checkpoint.step)
         preset_files = [path for path in validate_preset_dir(preset_dir) if path != README_FILE]
         card = self._card(preset_dir, checkpoint, metrics)
-        checkpoint_files = sorted(
-            entry.name for entry in os.scandir(checkpoint.path) if entry.is_file()
-        )
+        # The files its record lists (extra files too, such as the data stream's position),
+        # not whatever else the directory holds.
+        checkpoint_files = listed_files(checkpoint)
         manifest = _manifest(checkpoint, checkpoint_files)
         if self._token is not None:
             refuse_leaked_token(pathlib.Path(preset_dir), preset_files, card, self._token)

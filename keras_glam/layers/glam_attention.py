@@ -44,11 +44,16 @@ class GLaMAttention(keras.layers.Layer):
         attention_mask: bool `[B, T, Tk]`, True where a query may attend to a key, or None
             to attend everywhere (only without a cache). The caller builds it: causal and
             same-segment in training; `key_position <= query_position` over the whole
-            cache (`Tk = max_len`) in cached decoding.
-        cache: `[B, 2, max_len, N, Dh]` keys (index 0) and values (index 1), or None.
+            cache (`Tk = max_len`) in cached decoding, and False at padding keys of rows
+            that are left-padded (the relative bias depends on `query_position -
+            key_position` only, so a shifted row attends exactly as an unshifted one).
+        cache: `[B, 2, N, max_len, Dh]` keys (index 0) and values (index 1), or None.
+            Heads come before positions so that the attention's contractions read the
+            cache as it lies (no per-step transpose of the whole cache).
         cache_update_index: int or int scalar tensor (may be traced); required with
             `cache`. This step's keys and values are written at `cache_update_index`,
-            the position of `x[:, 0]`, and the queries attend over the whole cache.
+            the position of `x[:, 0]` (one update of the cache, done in place inside a
+            compiled loop), and the queries attend over the whole cache.
         training: unused (GLaM trains without dropout); accepted for a uniform call.
 
     Returns:
@@ -65,7 +70,7 @@ class GLaMAttention(keras.layers.Layer):
     x = np.random.normal(size=(1, 5, 16)).astype("float32")
     causal = np.tril(np.ones((1, 5, 5), bool))
     y = attention(x, attention_mask=causal)  # [1, 5, 16]
-    cache = np.zeros((1, 2, 5, 2, 8), "float32")
+    cache = np.zeros((1, 2, 2, 5, 8), "float32")  # [B, 2, N, max_len, Dh]
     step, cache = attention(
         x[:, :1], attention_mask=causal[:, :1], cache=cache, cache_update_index=0
     )  # step equals y[:, :1]
@@ -173,11 +178,14 @@ class GLaMAttention(keras.layers.Layer):
                 "where key_position <= query_position); unwritten cache slots would "
                 "otherwise be attended."
             )
-        expected = (self.num_heads, self.head_dim)
-        if len(cache.shape) != 5 or cache.shape[1] != 2 or tuple(cache.shape[3:]) != expected:
+        if (
+            len(cache.shape) != 5
+            or tuple(cache.shape[1:3]) != (2, self.num_heads)
+            or cache.shape[4] != self.head_dim
+        ):
             raise ValueError(
-                "`cache` must be [batch, 2, max_len, num_heads, head_dim] = "
-                f"[B, 2, max_len, {self.num_heads}, {self.head_dim}], got {cache.shape}."
+                "`cache` must be [batch, 2, num_heads, max_len, head_dim] = "
+                f"[B, 2, {self.num_heads}, max_len, {self.head_dim}], got {cache.shape}."
             )
 
     def _attention_weights(self, logits):
@@ -206,21 +214,26 @@ class GLaMAttention(keras.layers.Layer):
         key = self.key(x)
         value = self.value(x)
         query_offset = 0
+        # Key and value axes: `s` positions, `n` heads, in the order they lie in memory.
+        key_axes = "bsnd"
         if cache is not None:
-            start = [0, cache_update_index, 0, 0]
-            key = ops.slice_update(cache[:, 0, ...], start, ops.cast(key, cache.dtype))
-            value = ops.slice_update(
-                cache[:, 1, ...], start, ops.cast(value, cache.dtype)
+            # One update of this step's [B, 2, N, T, Dh] entries, which XLA does in place in
+            # a compiled decoding loop (where slicing keys and values out, updating and
+            # stacking them again copied the whole cache every step).
+            new_entries = ops.transpose(ops.stack([key, value], axis=1), (0, 1, 3, 2, 4))
+            cache = ops.slice_update(
+                cache, [0, 0, 0, cache_update_index, 0], ops.cast(new_entries, cache.dtype)
             )
-            cache = ops.stack([key, value], axis=1)
+            key, value = cache[:, 0], cache[:, 1]
+            key_axes = "bnsd"
             query_offset = cache_update_index
 
         logits = ops.einsum(
-            "btnd,bsnd->bnts", ops.cast(query, "float32"), ops.cast(key, "float32")
+            f"btnd,{key_axes}->bnts", ops.cast(query, "float32"), ops.cast(key, "float32")
         )
         if self.use_relative_bias:
             logits = logits + self.relative_bias(
-                ops.shape(query)[1], ops.shape(key)[1], query_offset=query_offset
+                ops.shape(query)[1], ops.shape(logits)[3], query_offset=query_offset
             )
         if attention_mask is not None:
             logits = ops.where(
@@ -228,7 +241,7 @@ class GLaMAttention(keras.layers.Layer):
             )
         weights = ops.cast(self._attention_weights(logits), self.compute_dtype)
         attended = ops.einsum(
-            "bnts,bsnd->btnd", weights, ops.cast(value, self.compute_dtype)
+            f"bnts,{key_axes}->btnd", weights, ops.cast(value, self.compute_dtype)
         )
         output = self.attention_output(attended)
         if cache is not None:

@@ -138,7 +138,7 @@ class GLaMDecoderBlock(keras.layers.Layer):
             x: `[B, T, M]` hidden states.
             attention_mask: bool `[B, T, Tk]`, True where a query may attend to a key.
             padding_mask: `[B, T]`, zero at padding; padding is not routed to experts.
-            cache: optional `[B, 2, max_len, N, Dh]` key/value cache of this layer.
+            cache: optional `[B, 2, N, max_len, Dh]` key/value cache of this layer.
             cache_update_index: position of `x[:, 0]` in the cache.
 
         Returns:

@@ -71,7 +71,9 @@ class RelativeBias(keras.layers.Layer):
     One `[num_heads, num_buckets]` table per attention layer (not shared across layers);
     the bias of query position `i` and key position `j` for head `h` is
     `table[h, relative_position_bucket(i - j)]`. Keys after the query share bucket 0
-    (they are masked anyway in causal attention).
+    (they are masked anyway in causal attention). The bias depends on `i - j` only, so one
+    bias serves a batch whose rows are shifted by different amounts of left padding: each
+    row's real tokens see the distances they would see unpadded.
 
     Args:
         num_heads: int. Attention heads N.

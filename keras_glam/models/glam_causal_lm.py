@@ -55,10 +55,30 @@ class GLaMCausalLM(GLaMPresets, keras_hub.models.CausalLM):
         self.backbone = backbone
         self.preprocessor = preprocessor
         inputs = backbone.input
-        logits = self._output_logits(backbone(inputs))
+        logits = self.output_logits(backbone(inputs))
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
 
-    def _output_logits(self, hidden_states):
+    def output_logits(self, hidden_states):
+        """Float32 logits over the vocabulary of final hidden states (the backbone's output).
+
+        The model's own output layer, for callers that need logits at a few positions only:
+        running `backbone` and projecting just those positions' hidden states gives the same
+        numbers as the full model at a fraction of the projection's cost (the projection is
+        `M x V` multiply-adds per position).
+
+        Args:
+            hidden_states: `[..., M]` final hidden states, any leading shape.
+
+        Returns:
+            float32 `[..., V_padded]` logits (padding rows of the embedding at -1e9).
+
+        Example:
+        ```python
+        lm = keras_glam.GLaMCausalLM.from_preset("glam_tiny_8e", preprocessor=None)
+        inputs = {"token_ids": np.array([[2, 40, 41, 42]]), "padding_mask": np.ones((1, 4))}
+        last = lm.output_logits(lm.backbone(inputs)[:, -1])  # equals lm(inputs)[:, -1]
+        ```
+        """
         scale = self.backbone.hidden_dim**-0.5
         scaled = ops.multiply(ops.cast(hidden_states, "float32"), scale)
         logits = self.backbone.token_embedding(scaled, reverse=True)
@@ -69,49 +89,104 @@ class GLaMCausalLM(GLaMPresets, keras_hub.models.CausalLM):
         is_token = ops.arange(num_rows) < self.backbone.vocabulary_size
         return ops.where(is_token, logits, _PADDED_LOGIT)
 
-    def call_with_cache(self, token_ids, cache, cache_update_index):
+    def call_with_cache(self, token_ids, cache, cache_update_index, padding_mask=None):
         """One cached forward pass.
+
+        Each query attends to the cache positions up to its own, and with `padding_mask` only
+        to those that hold a real token of its row. That lets rows of different lengths share
+        positions: left-padded prompts all end at the same position and decode in step, and a
+        cache filled once with a context can be copied to several rows that continue it
+        differently. GLaM has no absolute positions (its attention bias depends on
+        `query_position - key_position` only), so a row shifted right by padding computes
+        exactly what it computes unpadded.
 
         Args:
             token_ids: int `[B, T]`, the tokens at positions `cache_update_index + arange(T)`.
-            cache: `[B, num_layers, 2, max_len, N, Dh]` keys and values.
+            cache: a tuple with one `[B, 2, N, max_len, Dh]` array of keys (index 0) and
+                values (index 1) per layer (`empty_cache` builds one). Separate arrays let
+                each layer's update be done in place in a compiled decoding loop.
             cache_update_index: int or scalar tensor, position of `token_ids[:, 0]`.
+            padding_mask: optional bool `[B, max_len]` over the whole cache, False at slots
+                that hold no token of the row (padding); None: every slot up to the query
+                is attended (keras-hub's right-padded prompts, whose padding is overwritten
+                before it is read). Padding queries are not routed to experts.
 
         Returns:
-            `(logits [B, T, V], hidden_states [B, T, M], cache)`.
+            `(logits [B, T, V], hidden_states [B, T, M], cache)`, the cache a tuple.
         """
-        query_length = ops.shape(token_ids)[1]
-        max_length = ops.shape(cache)[3]
+        self._check_cache_arguments(cache, padding_mask)
+        batch_size, query_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        max_length = ops.shape(cache[0])[3]
         query_positions = cache_update_index + ops.arange(query_length)
         attention_mask = ops.expand_dims(
             ops.arange(max_length)[None, :] <= query_positions[:, None], 0
         )
+        query_padding_mask = None
+        if padding_mask is not None:
+            padding_mask = ops.cast(padding_mask, "bool")
+            attention_mask = ops.logical_and(attention_mask, padding_mask[:, None, :])
+            query_padding_mask = ops.slice(
+                padding_mask, [0, cache_update_index], [batch_size, query_length]
+            )
         x = self.backbone.token_embedding(token_ids)
         updated = []
         for index, block in enumerate(self.backbone.transformer_layers):
             x, layer_cache = block(
                 x,
                 attention_mask=attention_mask,
-                cache=cache[:, index, ...],
+                padding_mask=query_padding_mask,
+                cache=cache[index],
                 cache_update_index=cache_update_index,
             )
             updated.append(layer_cache)
         hidden_states = self.backbone.final_norm(x)
-        return self._output_logits(hidden_states), hidden_states, ops.stack(updated, axis=1)
+        return self.output_logits(hidden_states), hidden_states, tuple(updated)
+
+    def _check_cache_arguments(self, cache, padding_mask):
+        num_layers = self.backbone.num_layers
+        if not (isinstance(cache, tuple) and len(cache) == num_layers):
+            found = f"a tuple of {len(cache)}" if isinstance(cache, tuple) else type(cache).__name__
+            raise ValueError(
+                f"`cache` must be a tuple of {num_layers} per-layer `[B, 2, num_heads, max_len, "
+                f"head_dim]` arrays, got {found}. Build it with `empty_cache(batch_size, "
+                "max_len)`."
+            )
+        if padding_mask is None or None in padding_mask.shape:
+            return
+        expected = (cache[0].shape[0], cache[0].shape[3])
+        if None not in expected and tuple(padding_mask.shape) != expected:
+            raise ValueError(
+                f"`padding_mask` must cover the whole cache, [batch, max_len] = "
+                f"{list(expected)}, got shape {list(padding_mask.shape)}."
+            )
+
+    def empty_cache(self, batch_size, max_length):
+        """A zero key/value cache for `call_with_cache`, in the compute dtype.
+
+        Args:
+            batch_size: int, rows.
+            max_length: int, cache positions.
+
+        Returns:
+            A tuple of `num_layers` arrays `[batch_size, 2, num_heads, max_length, head_dim]`.
+
+        Example:
+        ```python
+        lm = keras_glam.GLaMCausalLM.from_preset("glam_tiny_8e", preprocessor=None)
+        cache = lm.empty_cache(1, 8)
+        logits, _, cache = lm.call_with_cache(np.array([[2, 40, 41]]), cache, 0)
+        ```
+        """
+        backbone = self.backbone
+        shape = [batch_size, 2, backbone.num_heads, max_length, backbone.head_dim]
+        return tuple(
+            ops.zeros(shape, dtype=self.compute_dtype) for _ in range(backbone.num_layers)
+        )
 
     def _build_cache(self, token_ids):
         """Run the prompt through the model, returning its hidden states and a filled cache."""
-        backbone = self.backbone
         batch_size, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        shape = [
-            batch_size,
-            backbone.num_layers,
-            2,
-            max_length,
-            backbone.num_heads,
-            backbone.head_dim,
-        ]
-        cache = ops.zeros(shape, dtype=self.compute_dtype)
+        cache = self.empty_cache(batch_size, max_length)
         _, hidden_states, cache = self.call_with_cache(token_ids, cache, 0)
         return hidden_states, cache
 

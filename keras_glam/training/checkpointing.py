@@ -5,7 +5,10 @@ A checkpoint is a directory `ckpt-<sequence>-step-<step>` holding
 - `model.weights.h5`: every model variable (trainable and not: MoE routing statistics too),
 - `optimizer.npz`: every optimizer variable (slots, iteration counters, skipped-step count),
 - `state.json`: the training driver's state (step, data position, seeds, ...), the checkpoint's
-  sequence number, and a manifest with the size and SHA-256 of the two other files.
+  sequence number, and a manifest with the size and SHA-256 of every other file;
+- optionally, files a caller adds to the same atomic write (`save(..., extra_files=...)`), e.g.
+  the data stream's position (`keras_glam.data.streaming.DataIterator.save`): `state.json`
+  names them (`extra_files`) and the manifest checksums them like the others.
 
 Writing is atomic: the files go into a hidden temporary directory, each is fsynced, the
 directory is renamed into place with `os.replace` and its parent fsynced. A crash (even
@@ -19,7 +22,8 @@ processes, of other machines (a shared file system) and of unknown writers are l
 
 A checkpoint is trusted only when everything about it checks out: `state.json` parses, is a
 record of this format whose sequence and step are those of the directory's name, its manifest
-lists exactly the files a checkpoint needs, and each matches its size and SHA-256. Anything
+lists exactly the files a checkpoint needs and the extra files the record names, and each matches
+its size and SHA-256. Anything
 else (a truncated copy, a bad disk, a hand-edited record) makes it corrupt: it is reported with
 the reason and skipped for the next older one. Checkpoints are ordered by their sequence number,
 not their step, so that a rollback to an earlier step makes the rolled-back state the newest
@@ -67,6 +71,8 @@ _TEMPORARY_PATTERN = re.compile(
     r"^\.tmp-(?P<pid>\d+)@(?P<host>[A-Za-z0-9._+-]+?)-(?P<nonce>[0-9a-f]{32})-"
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# A file name a checkpoint may hold: no directory, not hidden (`..`, `a/b`, `.x` are not).
+PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 # Temporary entries this process is writing or deleting right now, by name: another manager of
 # the same process must leave them alone.
 _ENTRIES_IN_USE = set()
@@ -247,13 +253,20 @@ class CheckpointManager:
         files = record.get("files")
         if not isinstance(files, dict):
             raise CorruptCheckpointError(f"{STATE_FILE} has no manifest of the files")
-        for name in CHECKPOINT_FILES:
+        extra_files = record.get("extra_files", [])  # Absent from checkpoints without any.
+        if not (
+            isinstance(extra_files, list)
+            and all(isinstance(name, str) and PLAIN_FILE_NAME.fullmatch(name) for name in extra_files)
+        ):
+            raise CorruptCheckpointError(f"{STATE_FILE} has a malformed list of extra files")
+        expected = (*CHECKPOINT_FILES, *extra_files)
+        for name in expected:
             if name not in files:
                 raise CorruptCheckpointError(f"the manifest does not list {name}")
         for name in files:
-            if name not in CHECKPOINT_FILES:
+            if name not in expected:
                 raise CorruptCheckpointError(f"the manifest lists an unknown file {name!r}")
-        for name in CHECKPOINT_FILES:
+        for name in expected:
             _verify_file(os.path.join(checkpoint.path, name), name, files[name])
         # Absent from checkpoints written before it was recorded.
         if not _is_variable_list(record.get("model_variables", [])):
@@ -270,13 +283,17 @@ class CheckpointManager:
                 ) from None
         return record
 
-    def save(self, model, state):
+    def save(self, model, state, extra_files=None):
         """Atomically write `model`'s weights, its optimizer's variables and `state`.
 
         Args:
             model: a built Keras model; its optimizer (if any) must be built.
             state: JSON-serialisable dict of the training driver's state; must hold `step`, an
                 integer >= 0.
+            extra_files: optional callable `(directory) -> [file names]` that writes more files
+                into the checkpoint's (temporary) directory before it is committed, e.g.
+                `lambda directory: iterator.save(directory, position=...)`. They are fsynced,
+                checksummed in the manifest and verified like the checkpoint's own files.
 
         Returns:
             The new `Checkpoint`.
@@ -293,8 +310,16 @@ class CheckpointManager:
             os.makedirs(temporary)
             model.save_weights(os.path.join(temporary, WEIGHTS_FILE))
             _write_optimizer_variables(model, os.path.join(temporary, OPTIMIZER_FILE))
+            added = sorted(extra_files(temporary)) if extra_files is not None else []
+            reserved = (*CHECKPOINT_FILES, STATE_FILE)
+            for file_name in added:
+                if not PLAIN_FILE_NAME.fullmatch(file_name) or file_name in reserved:
+                    raise ValueError(
+                        f"`extra_files` returned {file_name!r}: extra files must be plain file "
+                        f"names other than {', '.join(reserved)}."
+                    )
             files = {}
-            for file_name in CHECKPOINT_FILES:
+            for file_name in (*CHECKPOINT_FILES, *added):
                 path = os.path.join(temporary, file_name)
                 fsync_path(path)
                 files[file_name] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
@@ -302,6 +327,7 @@ class CheckpointManager:
                 "format_version": FORMAT_VERSION,
                 "sequence": sequence,
                 "files": files,
+                "extra_files": added,
                 # Keras' weights file matches variables by position in the layer tree: the
                 # paths let `restore` refuse a model whose variables are others.
                 "model_variables": [
@@ -418,6 +444,20 @@ def _why_stale(name):
     except OSError:
         return None  # Alive but another user's, or unknown.
     return None
+
+
+def listed_files(checkpoint):
+    """The files of a checkpoint: `state.json` and every file its manifest lists (the
+    checkpoint's own and its extra files), sorted. Nothing is verified (see
+    `CheckpointManager.verify`).
+
+    Raises:
+        CorruptCheckpointError: `state.json` is missing, unreadable or has no manifest.
+    """
+    files = _read_record(checkpoint.path).get("files")
+    if not isinstance(files, dict):
+        raise CorruptCheckpointError(f"{STATE_FILE} has no manifest of the files")
+    return sorted([STATE_FILE, *files])
 
 
 def _is_integer(value):

@@ -8,27 +8,22 @@ pipelines without touching any output; `train(job, data)` builds the model, trai
 `keras_glam.train.main` shows it as one line (`keras_glam.cli_support.user_error_message`).
 """
 
-import codecs
 import dataclasses
-import functools
-import glob
 import importlib.util
 import math
 import os
 import tempfile
 import time
 
+import jax
 import keras
 import keras_hub
-import numpy as np
 import tensorflow as tf
 
 from keras_glam.data.embedded_corpus import pydoc_documents
-from keras_glam.data.embedded_corpus import split_documents
-from keras_glam.data.packing import packed_lm_dataset
-from keras_glam.data.streaming import pad_batches
-from keras_glam.data.streaming import unigram_cross_entropy
-from keras_glam.data.text_sources import text_files
+from keras_glam.data.sources import DocumentList
+from keras_glam.data.sources import source_summary
+from keras_glam.data.streaming import StreamingData
 from keras_glam.models import presets
 from keras_glam.models.architecture import MIXED_PRECISION_POLICY
 from keras_glam.models.glam_causal_lm import GLaMCausalLM
@@ -44,6 +39,8 @@ from keras_glam.utils.atomic_files import replacing
 from keras_glam.utils.atomic_files import write_json_atomically
 
 SAMPLE_PROMPTS = ("The ", "If the ", "Note that ", "For example, ")
+# The source name of Python's documentation, the corpus without --data.
+DOCUMENTATION_SOURCE = "pydoc"
 
 
 def check_job(job):
@@ -61,14 +58,21 @@ def check_job(job):
         "warmup_steps",
         "checkpoint_interval",
         "sample_length",
+        "held_out_documents",
+        "baseline_tokens",
     ):
         value = getattr(job, name)
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
-    for name in ("seed", "samples"):
+    for name in ("seed", "samples", "shuffle_buffer"):
         value = getattr(job, name)
         if value is not None and not (isinstance(value, int) and value >= 0):
-            raise ValueError(f"--{name} must be an integer >= 0, got {value}.")
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value}.")
+    if job.mixture is not None and not job.data:
+        raise ValueError(
+            "--mixture weighs the sources of --data, and none is given. Pass --data "
+            "NAME=PATH... for every source the mixture names."
+        )
     if job.sequence_length < 2:
         raise ValueError("--sequence-length must be at least 2 (a token and its successor).")
     if job.learning_rate is not None and not job.learning_rate > 0:
@@ -122,67 +126,6 @@ def check_output(output):
         ) from None
 
 
-def check_text_files(paths):
-    """Expand glob patterns and check that every file is non-empty, decodable UTF-8 text.
-
-    Returns:
-        The sorted list of matching file paths.
-
-    Raises:
-        FileNotFoundError: a pattern matches nothing.
-        ValueError: a file has bytes that are not UTF-8 (naming the file, byte offset and line).
-    """
-    files = []
-    for pattern in paths:
-        matches = sorted(glob.glob(os.fspath(pattern)))
-        if not matches:
-            raise FileNotFoundError(f"--data: no file matches {os.fspath(pattern)!r}.")
-        files.extend(path for path in matches if os.path.isfile(path))
-    for path in files:
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        offset, line = 0, 1
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                try:
-                    decoder.decode(block)
-                except UnicodeDecodeError as error:
-                    position = offset + error.start
-                    line += block[: error.start].count(b"\n")
-                    raise ValueError(
-                        f"--data: {path} is not UTF-8 text: byte {position} (line {line}) is "
-                        f"{block[error.start:error.start + 1]!r}. Convert the file to UTF-8 (e.g. "
-                        f"`iconv -f latin1 -t utf-8 {path}`) or leave it out."
-                    ) from None
-                offset += len(block)
-                line += block.count(b"\n")
-            try:
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                raise ValueError(
-                    f"--data: {path} ends in the middle of a UTF-8 character (truncated file?). "
-                    "Repair or leave out the file."
-                ) from None
-    return files
-
-
-def load_documents(job):
-    """The corpus as a list of documents: `--data` files, or Python's documentation."""
-    if not job.data:
-        return pydoc_documents()
-    files = check_text_files(job.data)
-    documents = [
-        document.decode("utf-8")
-        for document in text_files(files, job.document_boundary).as_numpy_iterator()
-    ]
-    documents = [document for document in documents if document.strip()]
-    if not documents:
-        raise ValueError(
-            f"--data: {', '.join(files)} hold no text (every document is empty or blank). "
-            "Pass files with text."
-        )
-    return documents
-
-
 def load_tokenizer(job):
     """`--vocabulary` as a `GLaMTokenizer`, or the preset's tokenizer (the preset is valid)."""
     fix = "Pass --vocabulary with a SentencePiece model of the preset's vocabulary_size"
@@ -215,26 +158,50 @@ def load_tokenizer(job):
     return GLaMTokenizer.from_preset(job.preset)
 
 
-def token_counts(documents, tokenizer, vocabulary_size):
-    """Token frequencies of `documents` as the packer sees them (each ends with `</s>`)."""
-    counts = np.zeros(vocabulary_size, dtype="float64")
-    for document in documents:
-        ids = np.asarray(tokenizer(document))
-        np.add.at(counts, ids, 1.0)
-        counts[tokenizer.end_token_id] += 1.0
-    return counts
+def streaming_data(job, tokenizer, num_hosts=1, host_index=0):
+    """The job's `StreamingData`: the `--data` specs weighed by `--mixture`, or Python's
+    documentation (one in-memory source, `DOCUMENTATION_SOURCE`) without `--data`. Each of
+    `num_hosts` hosts reads its own share, in batches of `--batch-size / num_hosts` rows."""
+    settings = dict(
+        sequence_length=job.sequence_length,
+        batch_size=job.batch_size // num_hosts,
+        held_out_fraction=job.held_out_fraction,
+        held_out_documents=job.held_out_documents,
+        shuffle_buffer=job.shuffle_buffer,
+        num_hosts=num_hosts,
+        host_index=host_index,
+    )
+    if not job.data:
+        documentation = DocumentList(pydoc_documents(), name=DOCUMENTATION_SOURCE)
+        return StreamingData([documentation], tokenizer, **settings)
+    return StreamingData.from_specs(
+        job.data,
+        tokenizer,
+        mixture=job.mixture,
+        document_boundary=job.document_boundary,
+        seed=job.seed,
+        **settings,
+    )
 
 
 @dataclasses.dataclass
 class PreparedData:
-    """The checked inputs of a run: the corpus split, the tokenizer and the datasets."""
+    """The checked inputs of a run: the training stream, the held-out set and its baseline.
 
-    train_documents: list
-    held_out_documents: list
+    Attributes:
+        data: the `keras_glam.data.StreamingData` training reads (the `Trainer` saves its
+            position in every checkpoint).
+        tokenizer: the `GLaMTokenizer`.
+        held_out: the held-out batches (padded, cached, of known length).
+        held_out_tokens: the tokens the held-out loss averages over.
+        unigram_entropy: the unigram baseline on the held-out tokens (nats/token).
+        distribution: the `keras.distribution` to train under, or None.
+    """
+
+    data: object
     tokenizer: object
-    train_tokens: int
-    make_dataset: object
     held_out: object
+    held_out_tokens: int
     unigram_entropy: float
     distribution: object = None
 
@@ -244,14 +211,23 @@ def prepare(job, distribution=None):
     touches no output. `distribution`: the `keras.distribution` to train under (the command
     builds it from `--mesh` with `keras_glam.distribution.mesh_distribution`), or None.
 
+    The data is read in bounded amounts only: the start of every source (`StreamingData.check`),
+    one batch worth of training tokens, the held-out set (`--held-out-documents`) and the
+    baseline's sample (`--baseline-tokens`), so a corpus of any size starts in seconds.
+
     Every problem with the input (listed in `keras_glam.train`) is raised here, as a
     `ValueError` or `OSError` whose message says what to fix.
     """
     check_job(job)
+    num_hosts, host_index = jax.process_count(), jax.process_index()
+    if job.batch_size % num_hosts:
+        raise ValueError(
+            f"--batch-size {job.batch_size} cannot be shared out over {num_hosts} hosts. "
+            "Choose a multiple of the number of hosts."
+        )
     config = presets.local_backbone_config(job.preset)
     # Before any tokenizer exists: TensorFlow's seeding drops the tokenizer's kernel resources.
     keras.utils.set_random_seed(job.seed)
-    documents = load_documents(job)
     tokenizer = load_tokenizer(job)
     vocabulary_size = config["vocabulary_size"]
     if tokenizer.vocabulary_size() != vocabulary_size:
@@ -260,55 +236,31 @@ def prepare(job, distribution=None):
             f"has vocabulary_size={vocabulary_size}. Use the preset's own tokenizer (leave out "
             "--vocabulary) or a vocabulary of the same size."
         )
-    if len(documents) < 2:
+    data = streaming_data(job, tokenizer, num_hosts, host_index)
+    data.check()
+    tokens_per_batch = data.batch_size * data.sequence_length
+    train_tokens = data.training_tokens(at_most=tokens_per_batch)
+    if train_tokens < tokens_per_batch:
         raise ValueError(
-            f"The corpus has {len(documents)} document; the held-out split needs at least 2 "
-            "whole documents. Add text, or split the files into more documents with "
-            "--document-boundary blank_line or line."
-        )
-    train_documents, held_out_documents = split_documents(documents, job.held_out_fraction)
-    if not held_out_documents:
-        raise ValueError(
-            f"--held-out-fraction {job.held_out_fraction} of {len(documents)} documents leaves "
-            "no whole document to hold out. Add documents or raise --held-out-fraction."
-        )
-    train_counts = token_counts(train_documents, tokenizer, vocabulary_size)
-    tokens_per_batch = job.batch_size * job.sequence_length
-    if train_counts.sum() < tokens_per_batch:
-        raise ValueError(
-            f"The training split has {int(train_counts.sum())} tokens, fewer than one batch of "
+            f"The training split has {train_tokens} tokens, fewer than one batch of "
             f"--batch-size {job.batch_size} x --sequence-length {job.sequence_length} = "
             f"{tokens_per_batch}. Add text, or choose a smaller batch or sequence length."
         )
-    make_dataset = functools.partial(
-        packed_lm_dataset,
-        train_documents,
-        tokenizer,
-        sequence_length=job.sequence_length,
-        batch_size=job.batch_size,
-        shuffle_buffer=len(train_documents),
-        repeat=True,
+    held_out = data.held_out_dataset()
+    held_out_tokens = int(sum(weight.sum() for _, _, weight in held_out.as_numpy_iterator()))
+    unigram_entropy = data.unigram_entropy(
+        held_out, seed=job.seed, baseline_tokens=job.baseline_tokens
     )
-    held_out = packed_lm_dataset(
-        held_out_documents,
-        tokenizer,
-        sequence_length=job.sequence_length,
-        batch_size=job.batch_size,
-        shuffle_buffer=0,
-        drop_remainder=False,
-    )
-    held_out = pad_batches(held_out, job.batch_size).cache()
-    # A known length lets Keras end each evaluation without an "ran out of data" warning.
-    held_out_batches = sum(1 for _ in held_out)
-    held_out = held_out.apply(tf.data.experimental.assert_cardinality(held_out_batches))
+    if distribution is not None and num_hosts > 1:
+        # Each host already reads its own share of the data (`StreamingData`'s hosts), in
+        # batches of its own rows: Keras must not shard the batches again.
+        distribution.auto_shard_dataset = False
     return PreparedData(
-        train_documents=train_documents,
-        held_out_documents=held_out_documents,
+        data=data,
         tokenizer=tokenizer,
-        train_tokens=int(train_counts.sum()),
-        make_dataset=make_dataset,
         held_out=held_out,
-        unigram_entropy=unigram_cross_entropy(train_counts, held_out),
+        held_out_tokens=held_out_tokens,
+        unigram_entropy=unigram_entropy,
         distribution=distribution,
     )
 
@@ -334,9 +286,8 @@ def train(job, data):
     total_params, activated_params = count_params(lm.backbone.get_config())
     print(
         f"GLaM {job.preset}: {total_params:,} parameters ({activated_params:,} activated per "
-        f"token); {len(data.train_documents)} training and {len(data.held_out_documents)} "
-        f"held-out documents ({data.train_tokens:,} training tokens); {job.steps} steps of "
-        f"{job.batch_size} x {job.sequence_length} tokens."
+        f"token); streaming {describe_sources(data.data)}, {data.held_out_tokens:,} held-out "
+        f"tokens; {job.steps} steps of {job.batch_size} x {job.sequence_length} tokens."
     )
     meter = ComputeMeter.for_glam(
         lm, job.batch_size, job.sequence_length,
@@ -344,7 +295,7 @@ def train(job, data):
     )
     trainer = Trainer(
         lm,
-        data.make_dataset,
+        data.data,
         total_steps=job.steps,
         checkpoint_dir=os.path.join(job.output, "checkpoints"),
         checkpoint_interval=job.checkpoint_interval,
@@ -394,6 +345,16 @@ def train(job, data):
     return metrics
 
 
+def describe_sources(data):
+    """The sources of a `StreamingData` as one phrase, with their shares when mixed."""
+    if len(data.sources) == 1:
+        return source_summary(data.sources[0])
+    return " + ".join(
+        f"{weight:.0%} {source_summary(source)}"
+        for source, weight in zip(data.sources, data.weights)
+    )
+
+
 def _tensorboard_callbacks(output):
     """`[keras.callbacks.TensorBoard]` writing to `output/tensorboard`, if TensorBoard is
     installed (Keras needs the `tensorboard` package to write summaries)."""
@@ -430,8 +391,8 @@ def print_report(metrics, job):
     print()
     print(f"Held-out cross-entropy:  {metrics['held_out_cross_entropy']:.4f} nats/token")
     print(
-        f"Unigram entropy:         {metrics['unigram_entropy']:.4f} nats/token (train-split token "
-        "frequencies on the held-out tokens)"
+        f"Unigram entropy:         {metrics['unigram_entropy']:.4f} nats/token (frequencies of "
+        f"the first {job.baseline_tokens:,} training tokens, on the held-out tokens)"
     )
     print(
         f"Tokens seen: {metrics['tokens_seen']:,} in {metrics['steps']} steps, "

@@ -3,21 +3,34 @@
 `Trainer` runs Keras' own `model.fit` with one *epoch* per checkpoint interval. The data stream
 of a run is a function of `(seed, data_stream)` and is entered at `data_position` (batches
 already consumed), so a training state is fully described by the model's variables, the
-optimizer's variables and a few integers; those are written as an atomic checkpoint after every
-healthy chunk (`keras_glam.training.checkpointing`). Resuming after a crash and rolling back after
-divergence are then the same operation: restore a checkpoint, rebuild the stream, skip to the
-position. Training itself is deterministic (no dropout; GShard routing has no noise), so a run
-killed with `kill -9` and resumed ends with the same weights as an uninterrupted run.
+optimizer's variables, a few integers and, for streamed data, the stream's own saved state;
+those are written as an atomic checkpoint after every healthy chunk
+(`keras_glam.training.checkpointing`). Resuming after a crash and rolling back after divergence
+are then the same operation: restore a checkpoint, rebuild the stream, enter it at the position.
+Training itself is deterministic (no dropout; GShard routing has no noise), so a run killed with
+`kill -9` and resumed ends with the same weights as an uninterrupted run.
 
-Health checks, after GLaM's practice (skip bad steps; on repeated trouble restart from an earlier
-healthy checkpoint on different data):
+The data comes in one of two ways:
+
+- a *streaming data* object (`keras_glam.data.StreamingData`, or anything whose
+  `training_iterator(seed)` returns a `keras_glam.data.DataIterator`): every checkpoint holds
+  the iterator's state (`DataIterator.save`: read positions, shuffle buffers, batches pulled
+  ahead), and resuming restores it, so nothing consumed before the checkpoint is read again;
+- a callable `make_dataset(seed, skip_batches)`: resuming rebuilds the stream and skips
+  `data_position` batches (which reads and discards them: cheap for small corpora only).
+
+Health checks, after GLaM's and PaLM's practice (skip bad steps; on a loss spike restart from an
+earlier healthy checkpoint and skip the batches around the spike; PaLM, Chowdhery et al. 2022,
+section 5.1, skipped 200 to 500 batches):
 
 - `max_consecutive_skipped_steps` skipped steps in a row (non-finite gradients) end the chunk;
 - a chunk whose mean training cross-entropy exceeds `loss_spike_factor` times that of the last
   healthy chunk, or in which every step was skipped, is a failure;
-- after a failure, training rolls back to the newest checkpoint and continues with a new data
-  order (`data_stream + 1`); a second failure in a row goes one checkpoint further back;
-  more than `max_rollbacks` rollbacks in one run raise `TrainingDivergedError`.
+- after a failure, training rolls back to the newest checkpoint's weights and continues the same
+  data stream from where the failing chunk stopped: the batches between that checkpoint and the
+  failure are skipped, not read again (nothing is re-read from the corpus's start either); a
+  second failure in a row goes one checkpoint further back; more than `max_rollbacks`
+  rollbacks in one run raise `TrainingDivergedError`.
 """
 
 import contextlib
@@ -48,8 +61,10 @@ class TrainingState:
 
     Attributes:
         step: training steps done (applied or skipped), the global step.
-        data_position: batches consumed from the current data stream.
-        data_stream: which data order is in use; a rollback moves to the next one.
+        data_position: batches consumed (trained on or skipped by a rollback) from the data
+            stream; after a rollback it runs ahead of `step`.
+        data_stream: which data order is in use. Rollbacks keep it (they skip ahead in it);
+            runs checkpointed before that moved to the next stream on each rollback.
         seed: the run's seed; stream `s` is seeded with `data_seed(seed, s)`.
         rollbacks: rollbacks so far in this run.
         consecutive_failures: failed chunks since the last healthy one.
@@ -107,6 +122,23 @@ def _has_type(value, annotation):
     return isinstance(value, kinds)
 
 
+@dataclasses.dataclass
+class ChunkFailure:
+    """A chunk that failed its health checks.
+
+    Attributes:
+        reason: what failed, for the events and messages.
+        data_position: the data position the failing chunk reached (batches trained on in it
+            counted); the rollback continues the stream there.
+    """
+
+    reason: str
+    data_position: int
+
+    def __str__(self):
+        return self.reason
+
+
 def data_seed(seed, data_stream):
     """The seed of data stream `data_stream` of a run seeded with `seed` (independent streams)."""
     return int(np.random.SeedSequence([seed, data_stream]).generate_state(1)[0] & 0x7FFFFFFF)
@@ -117,10 +149,14 @@ class Trainer:
 
     Args:
         model: a compiled Keras model taking `{"token_ids", "padding_mask"}` batches.
-        make_dataset: callable `(seed, skip_batches) -> tf.data.Dataset` of `(x, y,
-            sample_weight)` batches; it must repeat forever and be deterministic given `seed`
-            (e.g. `functools.partial(keras_glam.data.packed_lm_dataset, ..., repeat=True)`
-            called as `make_dataset(seed=..., skip_batches=...)`).
+        data: the training batches, `(x, y, sample_weight)`, endless and deterministic given a
+            seed, as either
+            - a streaming data object with `training_iterator(seed)` returning a
+              `keras_glam.data.DataIterator` (e.g. `keras_glam.data.StreamingData`): its state
+              goes into every checkpoint and resuming continues it without reading again; or
+            - a callable `(seed, skip_batches) -> tf.data.Dataset` (e.g.
+              `functools.partial(keras_glam.data.packed_lm_dataset, ..., repeat=True)` called
+              as `make_dataset(seed=..., skip_batches=...)`): resuming skips batches.
         total_steps: int, training steps of the whole run.
         checkpoint_dir: directory of the training-state checkpoints.
         checkpoint_interval: int, steps per chunk (one Keras epoch) and between checkpoints.
@@ -139,10 +175,9 @@ class Trainer:
 
     Example:
     ```python
-    make_dataset = lambda seed, skip_batches: keras_glam.data.packed_lm_dataset(
-        train_documents, lm.preprocessor.tokenizer, sequence_length=128, batch_size=16,
-        seed=seed, repeat=True, skip_batches=skip_batches)
-    trainer = Trainer(lm, make_dataset, total_steps=600, checkpoint_dir="run/checkpoints",
+    data = keras_glam.data.StreamingData.from_specs(
+        ["shards/*.jsonl"], lm.preprocessor.tokenizer, sequence_length=128, batch_size=16)
+    trainer = Trainer(lm, data, total_steps=600, checkpoint_dir="run/checkpoints",
                       checkpoint_interval=50)
     state = trainer.fit()
     ```
@@ -151,7 +186,7 @@ class Trainer:
     def __init__(
         self,
         model,
-        make_dataset,
+        data,
         total_steps,
         checkpoint_dir,
         *,
@@ -185,8 +220,15 @@ class Trainer:
             raise ValueError(
                 "Compile the model before training: `lm.compile()` gives GLaM's recipe."
             )
+        self.streaming = hasattr(data, "training_iterator")
+        if not (self.streaming or callable(data)):
+            raise TypeError(
+                "`data` must be a streaming data object (with `training_iterator(seed)`, e.g. "
+                "keras_glam.data.StreamingData) or a callable `(seed, skip_batches) -> "
+                f"dataset`. Received: {type(data).__name__}"
+            )
         self.model = model
-        self.make_dataset = make_dataset
+        self.data = data
         self.total_steps = total_steps
         self.checkpoint_interval = checkpoint_interval
         self.seed = seed
@@ -201,6 +243,7 @@ class Trainer:
             checkpoint_dir, max_to_keep=max_checkpoints, validate_state=TrainingState.from_dict
         )
         self.tokens_per_step = None
+        self.iterator = None  # The `DataIterator` of the current stream (streaming data).
 
     def fit(self):
         """Train to `total_steps`, resuming and rolling back as needed.
@@ -213,11 +256,6 @@ class Trainer:
                 f"{self.manager.directory} already holds checkpoints of an earlier run; they "
                 "are kept. Resume from them (`resume=True`) or choose another directory."
             )
-        self.tokens_per_step = check_training_batches(
-            self.make_dataset(seed=data_seed(self.seed, 0), skip_batches=0), self.model
-        )
-        if self.validation_data is not None:
-            check_training_batches(self.validation_data, self.model, "validation data")
         self._prepare_checkpoint_observers()
         try:
             state = self._initial_state()
@@ -249,41 +287,85 @@ class Trainer:
                 finish()
 
     def _initial_state(self):
+        """The state to start from (a new one, or the newest valid checkpoint's, restored into
+        the model), with its data stream entered; the first batch is checked against the model
+        before anything is written (a new run then writes its step-0 checkpoint)."""
         checkpoint = self.manager.latest() if self.resume else None
         if checkpoint is None:
             state = TrainingState(seed=self.seed)
+        else:
+            state = TrainingState.from_dict(self.manager.restore(checkpoint, self.model))
+            if state.seed != self.seed:
+                raise ValueError(
+                    f"The checkpoint {checkpoint.path} was written by a run with seed "
+                    f"{state.seed}, this Trainer has seed={self.seed}: resuming would change the "
+                    "data order. Use the same seed, or another checkpoint directory for a new run."
+                )
+        if self.streaming:
+            self._start_stream(state, checkpoint)
+            first_batches = self.iterator.batches(state.data_position)  # `fit` starts there again.
+        else:
+            first_batches = self.data(seed=data_seed(self.seed, 0), skip_batches=0)
+        self.tokens_per_step = check_training_batches(first_batches, self.model)
+        if self.validation_data is not None:
+            check_training_batches(self.validation_data, self.model, "validation data")
+        if checkpoint is None:
             self.save_checkpoint(state)
-            return state
-        state = TrainingState.from_dict(self.manager.restore(checkpoint, self.model))
-        if state.seed != self.seed:
-            raise ValueError(
-                f"The checkpoint {checkpoint.path} was written by a run with seed {state.seed}, "
-                f"this Trainer has seed={self.seed}: resuming would change the data order. Use "
-                "the same seed, or another checkpoint directory for a new run."
+        else:
+            logger.warning(
+                "Resuming from %s (step %d, data stream %d, position %d).",
+                checkpoint.path,
+                state.step,
+                state.data_stream,
+                state.data_position,
             )
-        logger.warning(
-            "Resuming from %s (step %d, data stream %d, position %d).",
-            checkpoint.path,
-            state.step,
-            state.data_stream,
-            state.data_position,
-        )
         return state
+
+    def _start_stream(self, state, checkpoint=None):
+        """A `DataIterator` for `state`'s data stream: new (at position 0), or restored from
+        `checkpoint` at `state.data_position` without reading what came before."""
+        self.iterator = self.data.training_iterator(data_seed(self.seed, state.data_stream))
+        if checkpoint is None:
+            return
+        if not self.iterator.has_state(checkpoint.path):
+            raise ValueError(
+                f"The checkpoint {checkpoint.path} predates streamed resume: it holds no data "
+                "stream state. Start a new run in another --output (checkpoint directory)."
+            )
+        position = self.iterator.restore(checkpoint.path)
+        if position != state.data_position:
+            raise ValueError(
+                f"The checkpoint {checkpoint.path} records data position {state.data_position} "
+                f"but its data iterator was saved at {position}: the checkpoint is inconsistent. "
+                "Resume from an earlier checkpoint (move this one aside)."
+            )
+
+    def _dataset(self, state):
+        """The training dataset from `state.data_position` of `state.data_stream`."""
+        if self.streaming:
+            return self.iterator.dataset(state.data_position)
+        return self.data(
+            seed=data_seed(self.seed, state.data_stream), skip_batches=state.data_position
+        )
 
     def _run_segment(self, state):
         """One `fit` call from `state.step` over as many whole chunks as remain (or the final
-        partial chunk). Updates `state` after every healthy chunk; returns a failure or None."""
+        partial chunk). Updates `state` after every healthy chunk; returns a `ChunkFailure` or
+        None.
+
+        Raises:
+            DataError: the data stream stopped at bad input (`tf.data` hands `fit` its own
+                error; the iterator kept the one naming the file and line).
+        """
         remaining = self.total_steps - state.step
         steps_per_epoch = min(self.checkpoint_interval, remaining)
         first_epoch = state.step // self.checkpoint_interval
         epochs = max(remaining // self.checkpoint_interval, 1)
-        dataset = self.make_dataset(
-            seed=data_seed(self.seed, state.data_stream), skip_batches=state.data_position
-        )
+        dataset = self._dataset(state)
         progress = TrainingProgress(tokens_per_step=self.tokens_per_step, initial_step=state.step)
         expert_load = ExpertLoadRecorder(initial_step=state.step)
         monitor = _ChunkMonitor(self, state, progress, expert_load)
-        with _preprocessor_bypassed(self.model):
+        with _preprocessor_bypassed(self.model), self._data_errors_named():
             self.model.fit(
                 dataset,
                 steps_per_epoch=steps_per_epoch,
@@ -294,7 +376,19 @@ class Trainer:
                 callbacks=[progress, expert_load, monitor, *self.callbacks],
                 verbose=self.verbose,
             )
-        return monitor.failure
+        if monitor.failure is None:
+            return None
+        return ChunkFailure(monitor.failure, state.data_position + monitor.batches_in_chunk)
+
+    @contextlib.contextmanager
+    def _data_errors_named(self):
+        """A `fit` stopped by bad data raises the data iterator's one-line `DataError`."""
+        try:
+            yield
+        except Exception:
+            if self.streaming and self.iterator.error is not None:
+                raise self.iterator.error from None
+            raise
 
     def evaluate(self, dataset):
         """`model.evaluate` on batches of token ids (as `fit` gets them); returns the logs dict."""
@@ -302,12 +396,19 @@ class Trainer:
             return self.model.evaluate(dataset, return_dict=True, verbose=0)
 
     def save_checkpoint(self, state):
-        """Atomically checkpoint the model, its optimizer and `state`; tell the observers.
+        """Atomically checkpoint the model, its optimizer and `state` (with streaming data,
+        also the data iterator's state at `state.data_position`); tell the observers.
 
         Returns:
             The new `keras_glam.training.checkpointing.Checkpoint`.
         """
-        checkpoint = self.manager.save(self.model, state.to_dict())
+
+        def save_data_stream(directory):
+            return self.iterator.save(directory, position=state.data_position)
+
+        checkpoint = self.manager.save(
+            self.model, state.to_dict(), extra_files=save_data_stream if self.streaming else None
+        )
         logger.info("Saved checkpoint %s (step %d).", checkpoint.path, checkpoint.step)
         for callback in self.callbacks:
             if isinstance(callback, CheckpointObserver):
@@ -334,13 +435,17 @@ class Trainer:
             )
         target = candidates[0]
         restored = TrainingState.from_dict(self.manager.restore(target, self.model))
+        skipped = failure.data_position - restored.data_position
         note = (
             f"step {state.step}: {failure}; rolled back to step {target.step} "
-            f"({target.path}), continuing on data stream {state.data_stream + 1}"
+            f"({target.path}), continuing the data stream at batch {failure.data_position} "
+            f"({skipped} batches skipped)"
         )
         logger.warning("Rollback %d: %s.", rollbacks, note)
-        restored.data_stream = state.data_stream + 1
-        restored.data_position = 0
+        # The same stream, from where the failure left it (the streaming iterator is there;
+        # `make_dataset` skips to it).
+        restored.data_stream = state.data_stream
+        restored.data_position = failure.data_position
         restored.rollbacks = rollbacks
         restored.consecutive_failures = consecutive_failures
         restored.rollback_step = target.step
@@ -374,6 +479,7 @@ class _ChunkMonitor(keras.callbacks.Callback):
         self.progress = progress
         self.expert_load = expert_load
         self.failure = None
+        self.batches_in_chunk = 0  # Batches trained on in the current chunk.
         self._skipped_at_epoch_start = 0
         self._skipped_so_far = 0
         self._consecutive_skips = 0
@@ -382,10 +488,12 @@ class _ChunkMonitor(keras.callbacks.Callback):
         self._skipped_at_epoch_start = skipped_steps(self.model) or 0
         self._skipped_so_far = self._skipped_at_epoch_start
         self._consecutive_skips = 0
+        self.batches_in_chunk = 0
         self.progress.step_history.clear()
         self.expert_load.history.clear()
 
     def on_train_batch_end(self, batch, logs=None):
+        self.batches_in_chunk += 1
         skipped = skipped_steps(self.model) or 0
         skipped_now = skipped > self._skipped_so_far
         self._consecutive_skips = self._consecutive_skips + 1 if skipped_now else 0
