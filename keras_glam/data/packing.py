@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from keras_glam.data.text_sources import document_dataset, is_one_shot_iterator
 from keras_glam.models.glam_tokenizer import frame_document
+from keras_glam.utils.checks import check_positive_integers
 
 
 def _check_sequence_length(sequence_length):
@@ -326,8 +327,7 @@ def packed_lm_dataset(
     ((2, 8), (2, 8))
     """
     _check_sequence_length(sequence_length)
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"`batch_size` must be an integer >= 1. Received: {batch_size!r}")
+    check_positive_integers(batch_size=batch_size)
     if not (isinstance(num_shards, int) and num_shards >= 1 and 0 <= shard_index < num_shards):
         raise ValueError(
             "Need an integer `num_shards` >= 1 and 0 <= `shard_index` < `num_shards`. "

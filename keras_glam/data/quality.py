@@ -47,6 +47,7 @@ import tensorflow as tf
 
 from keras_glam.data.sources import DocumentSource
 from keras_glam.data.sources import held_out_mask
+from keras_glam.utils.checks import check_positive_integers
 
 DEFAULT_ALPHA = 9.0
 # Uniform draws come from a 53-bit hash: every float64 in [0, 1) with that resolution.
@@ -91,13 +92,7 @@ class QualityFeatures:
         sublinear_tf=True,
         normalize=True,
     ):
-        for name, value in (
-            ("num_bins", num_bins),
-            ("max_words", max_words),
-            ("max_features", max_features),
-        ):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"`{name}` must be an integer >= 1. Received: {value!r}")
+        check_positive_integers(num_bins=num_bins, max_words=max_words, max_features=max_features)
         ngram_widths = tuple(int(width) for width in ngram_widths)
         if not ngram_widths or min(ngram_widths) < 1:
             raise ValueError(

@@ -11,6 +11,7 @@ from keras_glam.evaluation.stateless import model_state
 from keras_glam.evaluation.stateless import stateless_scope
 from keras_glam.evaluation.token_scorer import padded_rows
 from keras_glam.evaluation.token_scorer import padded_width
+from keras_glam.utils.checks import check_positive_integers
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,7 @@ class BatchedGenerator:
                 f"max_new_tokens must be an integer in [1, max_length={self.max_length}), got "
                 f"{max_new_tokens!r}: the prompt needs room too."
             )
-        if not isinstance(num_beams, int) or num_beams < 1:
-            raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}.")
+        check_positive_integers(num_beams=num_beams)
         stop = [text for text in stop if text]
         longest_prompt = self.max_length - max_new_tokens
         prompts = [self._truncated(list(prompt), longest_prompt) for prompt in prompts]

@@ -8,6 +8,7 @@ import numpy as np
 
 from keras_glam.evaluation.stateless import model_state
 from keras_glam.evaluation.stateless import stateless_scope
+from keras_glam.utils.checks import check_positive_integers
 
 logger = logging.getLogger(__name__)
 
@@ -187,10 +188,9 @@ class TokenScorer:
     """
 
     def __init__(self, causal_lm, max_length, batch_size=None):
-        if not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be a positive integer, got {max_length!r}.")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+        check_positive_integers(max_length=max_length)
+        if batch_size is not None:
+            check_positive_integers(batch_size=batch_size)
         self.causal_lm = causal_lm
         self.max_length = max_length
         self.batch_size = batch_size

@@ -71,6 +71,7 @@ from keras_glam.training.checkpointing import CorruptCheckpointError
 from keras_glam.training.checkpointing import listed_files
 from keras_glam.training.checkpointing import parse_checkpoint_name
 from keras_glam.utils.atomic_files import file_sha256
+from keras_glam.utils.checks import check_positive_integers
 
 logger = logging.getLogger(__name__)
 
@@ -290,8 +291,7 @@ class CheckpointRepository:
         initial_retry_delay=1.0,
         max_retry_delay=30.0,
     ):
-        if not (isinstance(keep, int) and keep >= 1):
-            raise ValueError(f"`keep` must be an integer >= 1. Received: {keep!r}")
+        check_positive_integers(keep=keep)
         self.repo_id = repo_id
         self.endpoint = endpoint
         self.branch = branch

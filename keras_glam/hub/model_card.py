@@ -9,6 +9,7 @@ from huggingface_hub import ModelCardData
 
 from keras_glam.hub.auth import parse_hf_handle
 from keras_glam.models.architecture import is_moe_layer
+from keras_glam.utils.checks import check_positive_integers
 
 CARD_TAGS = ("keras", "glam", "mixture-of-experts")
 # `datasets` builders of local task data: no Hub dataset to link to.
@@ -34,11 +35,6 @@ def _format_metric(value):
 
 def _cell(text):
     return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _check_loss_plot(loss_plot):
@@ -143,8 +139,7 @@ def render_model_card(
         raise ValueError(
             f"The model card needs the full handle 'hf://namespace/{name}', got {handle!r}."
         )
-    _check_count("total_params", total_params)
-    _check_count("activated_params", activated_params)
+    check_positive_integers(total_params=total_params, activated_params=activated_params)
     if activated_params > total_params:
         raise ValueError(
             f"activated_params ({activated_params:,}) cannot exceed total_params "

@@ -56,6 +56,7 @@ import numpy as np
 from keras_glam.utils.atomic_files import durable_replace
 from keras_glam.utils.atomic_files import file_sha256
 from keras_glam.utils.atomic_files import fsync_path
+from keras_glam.utils.checks import check_positive_integers
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,7 @@ class CheckpointManager:
     """
 
     def __init__(self, directory, max_to_keep=3, validate_state=None):
-        if not (isinstance(max_to_keep, int) and max_to_keep >= 1):
-            raise ValueError(f"`max_to_keep` must be an integer >= 1. Received: {max_to_keep!r}")
+        check_positive_integers(max_to_keep=max_to_keep)
         self.directory = os.fspath(directory)
         self.max_to_keep = max_to_keep
         self.validate_state = validate_state

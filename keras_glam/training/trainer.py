@@ -47,6 +47,7 @@ from keras_glam.training.callbacks import ExpertLoadRecorder
 from keras_glam.training.callbacks import TrainingProgress
 from keras_glam.training.callbacks import skipped_steps
 from keras_glam.training.checkpointing import CheckpointManager
+from keras_glam.utils.checks import check_positive_integers
 
 logger = logging.getLogger(__name__)
 
@@ -201,13 +202,11 @@ class Trainer:
         callbacks=(),
         verbose="auto",
     ):
-        for name, value in (
-            ("total_steps", total_steps),
-            ("checkpoint_interval", checkpoint_interval),
-            ("max_consecutive_skipped_steps", max_consecutive_skipped_steps),
-        ):
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"`{name}` must be an integer >= 1. Received: {value!r}")
+        check_positive_integers(
+            total_steps=total_steps,
+            checkpoint_interval=checkpoint_interval,
+            max_consecutive_skipped_steps=max_consecutive_skipped_steps,
+        )
         if not (isinstance(max_rollbacks, int) and max_rollbacks >= 0):
             raise ValueError(
                 f"`max_rollbacks` must be an integer >= 0. Received: {max_rollbacks!r}"
