@@ -513,8 +513,8 @@ def test_model_card_is_a_pure_function_of_its_inputs():
     "overrides, message",
     [
         ({"activated_params": 2_000_000}, "cannot exceed total_params"),
-        ({"total_params": 0}, "positive integer"),
-        ({"total_params": 1.5e6}, "positive integer"),
+        ({"total_params": 0}, "`total_params` must be an integer >= 1"),
+        ({"total_params": 1.5e6}, "`total_params` must be an integer >= 1"),
         ({"backbone_config": {"num_layers": 2}}, "backbone_config lacks"),
         ({"loss_plot": "../loss.png"}, "relative path to a .png"),
         ({"loss_plot": "loss.jpg"}, "relative path to a .png"),
