@@ -218,7 +218,7 @@ def assert_matches_reference(moe, x, padding_mask, training, num_groups, capacit
 def test_matches_dense_reference_without_drops(path, top_k):
     x = _inputs(batch=4, length=16)
     if path == "dropless":
-        # 64 tokens x 2 choices over 4 experts: blocks of 8 rows (4 for top-1).
+        # 64 tokens over 4 experts: the block-sorted scan, blocks of 8 rows (4 for top-1).
         moe = _make_layer(x, top_k=top_k)
         kept, _ = assert_matches_reference(moe, x, None, False, num_groups=1, capacity=None)
     else:
@@ -228,11 +228,68 @@ def test_matches_dense_reference_without_drops(path, top_k):
     assert kept.all()
 
 
-def test_dropless_decoding_sized_input_matches_reference():
-    # 3 tokens x 2 choices over 8 experts: one row per block, one expert matrix per choice.
-    x = _inputs(batch=3, length=1)
-    moe = _make_layer(x, num_experts=8, router_scale=3.0)
-    assert_matches_reference(moe, x, None, False, num_groups=1, capacity=None)
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize(
+    "num_tokens, num_experts",
+    [
+        (3, 8),  # 6 choices over 8 experts: one row per block, one expert matrix per choice.
+        (8, 4),  # 2-4 choices per expert: capacity buffers.
+        (16, 8),  # 2-4 choices per expert: capacity buffers.
+    ],
+)
+def test_dropless_decoding_sized_input_matches_reference(num_tokens, num_experts, top_k):
+    x = _inputs(batch=num_tokens, length=1, seed=num_tokens)
+    padding_mask = np.ones((num_tokens, 1), "int32")
+    padding_mask[1] = 0
+    moe = _make_layer(x, num_experts=num_experts, top_k=top_k, router_scale=3.0)
+    assert_matches_reference(moe, x, padding_mask, False, num_groups=1, capacity=None)
+
+
+def test_dropless_block_scan_on_many_tokens_matches_reference():
+    # 1040 tokens over 4 experts: E * T = 4160 buffer rows is past the buffers' bound, so the
+    # block-sorted scan runs (blocks of 128 rows).
+    x = _inputs(batch=2, length=520, seed=3)
+    padding_mask = np.ones((2, 520), "int32")
+    padding_mask[1, 400:] = 0
+    moe = _make_layer(x, router_scale=3.0)
+    assert_matches_reference(moe, x, padding_mask, False, num_groups=1, capacity=None)
+
+
+def _routed_inputs(choices, seed=0):
+    """Inputs `[1, T, M]` and a router kernel that send token `t` to the experts `choices[t]`
+    (first choice first): the first `E` features carry the choices, the rest are random."""
+    num_tokens, num_experts = len(choices), NUM_EXPERTS
+    x = np.random.default_rng(seed).normal(size=(1, num_tokens, MODEL_DIM)).astype("float32")
+    x[0, :, :num_experts] = 0.0
+    for token, experts in enumerate(choices):
+        for rank, expert in enumerate(experts):
+            x[0, token, expert] = 4.0 - rank
+    router_kernel = np.zeros((MODEL_DIM, num_experts), "float32")
+    router_kernel[:num_experts] = 3.0 * np.eye(num_experts)
+    return x, router_kernel
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [
+        # 2 tokens x 2 choices, one claim per expert: buffers of 1 row.
+        [(0, 1), (2, 3)],
+        # Expert 0 gets 3 claims: buffers of 4 rows (2 would drop one).
+        [(0,), (0,), (0,), (1,), (2,), (3,), (1,), (2,)],
+        # Expert 0 gets 5 of 6 first choices: buffers of 6 rows, the largest (T = 6).
+        [(0, 1), (0, 2), (0, 3), (0, 1), (0, 2), (3, 2)],
+    ],
+)
+def test_dropless_buffers_hold_the_busiest_experts_claims(choices):
+    x, router_kernel = _routed_inputs(choices)
+    moe = _make_layer(x, top_k=len(choices[0]))
+    moe.router.kernel.assign(router_kernel)
+    kept, _ = assert_matches_reference(moe, x, None, False, num_groups=1, capacity=None)
+    assert kept.all()
+    (_, routing), _ = run_layer(moe, x, return_routing=True)
+    assert np.asarray(routing.instructions.expert_index)[0].tolist() == [
+        list(experts) for experts in choices
+    ]
 
 
 @pytest.mark.parametrize(
@@ -499,10 +556,18 @@ def test_serialization_round_trip(tmp_path):
     np.testing.assert_array_equal(_np(actual), _np(expected))
 
 
-def test_mixed_bfloat16_routes_in_float32():
+# Over 4 experts, 8 tokens (16 choices) take the dropless capacity buffers; 1 token (2 choices)
+# and 64 tokens (128 choices) the block scan.
+DROPLESS_PATHS = pytest.mark.parametrize(
+    "batch, length", [(2, 4), (1, 1), (2, 32)], ids=["buffers", "blocks_of_1", "blocks_of_8"]
+)
+
+
+@DROPLESS_PATHS
+def test_mixed_bfloat16_routes_in_float32(batch, length):
     # Inputs exact in bfloat16, so both layers route the same float32 values: a near tie
     # between experts cannot flip with the input's rounding.
-    x = np.asarray(jnp.asarray(_inputs(batch=2, length=32), jnp.bfloat16), np.float32)
+    x = np.asarray(jnp.asarray(_inputs(batch=batch, length=length), jnp.bfloat16), np.float32)
     reference = _make_layer(x)
     keras.config.set_dtype_policy("mixed_bfloat16")
     moe = _make_layer(x)
@@ -563,8 +628,9 @@ def test_int8_then_lora_on_experts_only_and_dropless_agrees():
     np.testing.assert_allclose(lora_dropless, lora_capacity, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_applies_to_experts_only_and_dropless_agrees():
-    x = _inputs(batch=2, length=32)
+@DROPLESS_PATHS
+def test_lora_applies_to_experts_only_and_dropless_agrees(batch, length):
+    x = _inputs(batch=batch, length=length)
     model, moe = _model_with_moe(x, capacity_factor=4.0)
     before = _np(run_layer(moe, x)[0])
     _enable_random_lora(moe)

@@ -14,6 +14,10 @@ from keras_glam.layers.routing import expert_capacity
 
 _DISPATCH_MODES = ("auto", "einsum", "sort", "sort_loop")
 _MAX_DROPLESS_BLOCK = 128
+# Decoding-sized inputs take the dropless capacity buffers: 1 to 4 choices per expert on
+# average, and at most this many rows (`E * T`) in the largest buffer.
+_MAX_DROPLESS_CHOICES_PER_EXPERT = 4
+_MAX_DROPLESS_BUFFER_ROWS = 4096
 
 
 @keras.saving.register_keras_serializable(package="keras_glam")
@@ -46,15 +50,29 @@ class MoEFeedForward(keras.layers.Layer):
     - `"auto"`: `"einsum"` on TPU or under a `keras.distribution`, `"sort_loop"` on CPU (JAX),
       `"sort"` otherwise.
 
-    Evaluation and decoding (`training` falsy) with `eval_capacity_factor=None` drop no token and
-    still compute only the chosen experts: the `T * k` choices are laid out sorted by expert, each
-    expert's run padded to a multiple of a block size `b` (a static bound of
-    `T * k + E * (b - 1)` rows), and a scan over the blocks multiplies each block by its expert's
-    weights. `b` is 1 when `T * k` is small (decoding: one expert matrix read per choice) and grows
-    up to 128 while the padding stays within half the rows. Routing without capacity uses a
-    single group (groups only matter for capacity). This path computes each expert as its layer
-    does, with LoRA and in every quantization mode the experts accept
-    (`ExpertEinsumDense.expert_matmul`); int4 and float8 kernels are dequantized once per call.
+    Evaluation and decoding (`training` falsy) with `eval_capacity_factor=None` drop no token.
+    Routing without capacity uses a single group (groups only matter for capacity), and the
+    experts run in one of two ways, with the same results:
+
+    - Decoding-sized inputs, 1 to 4 choices per expert on average (`E <= T * k <= 4 * E`, and
+      `E * T <= 4096`: a decoding step of many rows), float experts: capacity buffers `[E, C, M]` with `C` the
+      busiest expert's claims rounded up to a power of two (at most `T`, since a token's choices
+      are distinct experts), so nothing drops, and the experts' batched matmuls read each
+      expert's weights once (under expert parallelism the buffers move by all-to-all). The
+      compiled program switches between the `ceil(log2 T) + 1` buffer sizes at run time. The
+      matmuls cover `E * C` rows for `T * k` choices: typically 4x with balanced routing at 16
+      rows and 16 experts, up to `E / k` times when one expert takes nearly every token
+      (`eval_capacity_factor` bounds that).
+    - Otherwise the `T * k` choices are laid out sorted by expert, each expert's run padded to a
+      multiple of a block size `b` (a static bound of `T * k + E * (b - 1)` rows), and a scan
+      over the blocks multiplies each block by its expert's weights, skipping the empty blocks
+      at the end (padding tokens' share of the bound, and the rounding). `b` is 1 when `T * k` is
+      small (a decoding step of a few rows: only the chosen experts' matrices are read) and
+      grows up to 128 while the padding stays within half the rows.
+
+    Both compute each expert as its layer does, with LoRA; quantized experts (every mode they
+    accept) take the block scan, through `ExpertEinsumDense.expert_matmul`, which dequantizes
+    int4 and float8 kernels once per call and gives float8 the LoRA term Keras' call refuses.
 
     The auxiliary load-balance loss `aux_loss_weight * aux` is added with `add_loss` on every call
     (see `routing.top_k_gating`). Training calls also store routing statistics in two
@@ -321,16 +339,64 @@ class MoEFeedForward(keras.layers.Layer):
         return self.expert_wo(self.activation(self.expert_wi(expert_inputs)))
 
     def _dropless_forward(self, tokens, is_real):
-        """Routing without capacity (one group), then the block-sorted expert scan. `[T, M]`."""
-        num_tokens, model_dim = tokens.shape
+        """Routing without capacity (one group), then capacity buffers sized to the busiest
+        expert or the block-sorted expert scan (see the class docstring). `[T, M]`."""
+        num_tokens = tokens.shape[0]
         routing = self.router(
             tokens[None],
             padding_mask=None if is_real is None else is_real[None],
             capacity=None,
         )
+        choices_per_expert = num_tokens * self.top_k / self.num_experts
+        if (
+            1 <= choices_per_expert <= _MAX_DROPLESS_CHOICES_PER_EXPERT
+            and self.num_experts * num_tokens <= _MAX_DROPLESS_BUFFER_ROWS
+            and self._experts_are_float()
+        ):
+            return self._dropless_buffers(tokens, routing), routing
+        return self._dropless_blocks(tokens, routing), routing
+
+    def _dropless_buffers(self, tokens, routing):
+        """Every expert on the first `C` rows of its `T`-row buffer, `C` the smallest size in
+        `_buffer_capacities` that holds the busiest expert's claims. `[T, M]`."""
+        num_tokens, model_dim = tokens.shape
+        num_experts = self.num_experts
+        slots = _capacity_slot_map(routing.instructions, num_experts, num_tokens)
+        buffers = ops.reshape(
+            _gather_into_slots(tokens, slots), (num_experts, num_tokens, model_dim)
+        )
+        capacities = _buffer_capacities(num_tokens)
+        busiest = ops.max(routing.metrics.dispatched_per_expert)
+        smaller = ops.convert_to_tensor(capacities[:-1], dtype=busiest.dtype)
+        branch_index = ops.sum(ops.cast(smaller < busiest, "int32"))
+
+        def with_capacity(capacity):
+            def run(buffers):
+                expert_inputs = ops.reshape(
+                    buffers[:, :capacity], (num_experts, 1, capacity, model_dim)
+                )
+                expert_outputs = ops.reshape(
+                    self._run_experts(expert_inputs), (num_experts, capacity, model_dim)
+                )
+                return ops.pad(expert_outputs, [(0, 0), (0, num_tokens - capacity), (0, 0)])
+
+            return run
+
+        buffer_outputs = ops.switch(
+            branch_index, [with_capacity(capacity) for capacity in capacities], buffers
+        )
+        return _combine_from_slots(
+            ops.reshape(buffer_outputs, (-1, model_dim)),
+            slots,
+            _flat_choices(routing.instructions.combine_weights),
+        )
+
+    def _dropless_blocks(self, tokens, routing):
+        """The block-sorted expert scan. `[T, M]`."""
+        num_tokens, model_dim = tokens.shape
         num_choices = num_tokens * self.top_k
         block_size = _dropless_block_size(num_choices, self.num_experts)
-        slots, block_expert = _block_slot_map(
+        slots, block_expert, block_is_filled = _block_slot_map(
             routing.instructions, routing.metrics.dispatched_per_expert, block_size
         )
         rows = ops.reshape(_gather_into_slots(tokens, slots), (-1, block_size, model_dim))
@@ -338,17 +404,21 @@ class MoEFeedForward(keras.layers.Layer):
         wo_matmul = self.expert_wo.expert_matmul()
 
         def expert_block(carry, block):
-            block_rows, expert = block
-            hidden = self.activation(wi_matmul(block_rows, expert))
-            return carry, wo_matmul(hidden, expert)
+            block_rows, expert, is_filled = block
+            # Blocks past the last expert's run (the bound counts padding tokens and every
+            # expert's rounding) are skipped.
+            return carry, ops.cond(
+                is_filled,
+                lambda: wo_matmul(self.activation(wi_matmul(block_rows, expert)), expert),
+                lambda: ops.zeros_like(block_rows),
+            )
 
-        _, row_outputs = ops.scan(expert_block, 0, (rows, block_expert))
-        outputs = _combine_from_slots(
+        _, row_outputs = ops.scan(expert_block, 0, (rows, block_expert, block_is_filled))
+        return _combine_from_slots(
             ops.reshape(row_outputs, (-1, model_dim)),
             slots,
             _flat_choices(routing.instructions.combine_weights),
         )
-        return outputs, routing
 
     def _resolve_num_groups(self, num_tokens):
         num_groups = self.num_groups
@@ -476,7 +546,7 @@ def _block_slot_map(instructions, dispatched_per_expert, block_size):
     block_expert = ops.sum(ops.cast(padded_end[None, :] <= block_start[:, None], "int32"), axis=1)
     # Blocks past the last expert's run hold only empty rows; any valid expert will do.
     block_expert = ops.minimum(block_expert, num_experts - 1)
-    return slots, block_expert
+    return slots, block_expert, block_start < padded_end[-1]
 
 
 def _invert_slots(slot_of_choice, num_slots):
@@ -557,6 +627,20 @@ def _one_hot_dispatch_tensors(instructions, num_experts, capacity, dtype):
         "gske,gskc->gsec", expert_one_hot * instructions.combine_weights[..., None], slot_one_hot
     )
     return ops.cast(dispatch_mask, dtype), ops.cast(combine_tensor, dtype)
+
+
+def _buffer_capacities(num_tokens):
+    """The dropless buffer sizes compiled for `T` tokens: powers of two below `T`, then `T`.
+
+    >>> _buffer_capacities(16), _buffer_capacities(12), _buffer_capacities(1)
+    ([1, 2, 4, 8, 16], [1, 2, 4, 8, 12], [1])
+    """
+    capacities = [1]
+    while capacities[-1] * 2 < num_tokens:
+        capacities.append(capacities[-1] * 2)
+    if capacities[-1] < num_tokens:
+        capacities.append(num_tokens)
+    return capacities
 
 
 def _dropless_block_size(num_choices, num_experts):
