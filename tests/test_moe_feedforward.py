@@ -232,9 +232,9 @@ def test_matches_dense_reference_without_drops(path, top_k):
 @pytest.mark.parametrize(
     "num_tokens, num_experts",
     [
-        (3, 8),  # 6 choices over 8 experts: one row per block, one expert matrix per choice.
-        (8, 4),  # 2-4 choices per expert: capacity buffers.
-        (16, 8),  # 2-4 choices per expert: capacity buffers.
+        (3, 8),  # 3 or 6 choices over 8 experts: one row per block, one expert per choice.
+        (8, 4),  # 2 or 4 choices per expert: capacity buffers.
+        (16, 8),  # 2 or 4 choices per expert: capacity buffers.
     ],
 )
 def test_dropless_decoding_sized_input_matches_reference(num_tokens, num_experts, top_k):
@@ -246,13 +246,37 @@ def test_dropless_decoding_sized_input_matches_reference(num_tokens, num_experts
 
 
 def test_dropless_block_scan_on_many_tokens_matches_reference():
-    # 1040 tokens over 4 experts: E * T = 4160 buffer rows is past the buffers' bound, so the
-    # block-sorted scan runs (blocks of 128 rows).
+    # 1040 tokens over 4 experts: the block-sorted scan, blocks of 128 rows, the padded row's
+    # blocks skipped.
     x = _inputs(batch=2, length=520, seed=3)
     padding_mask = np.ones((2, 520), "int32")
     padding_mask[1, 400:] = 0
     moe = _make_layer(x, router_scale=3.0)
     assert_matches_reference(moe, x, padding_mask, False, num_groups=1, capacity=None)
+
+
+def test_dropless_path_is_chosen_by_size():
+    def path(num_tokens, num_experts, top_k=2, quantize=None):
+        moe = MoEFeedForward(num_experts=num_experts, intermediate_dim=4, top_k=top_k)
+        moe.build((1, num_tokens, MODEL_DIM))
+        if quantize:
+            moe.expert_wi.quantize(quantize)
+            moe.expert_wo.quantize(quantize)
+        return moe._dropless_path(num_tokens)
+
+    # 16 experts, top-2: buffers for 16 to 64 choices (T = 8 to 32).
+    assert [path(t, 16) for t in (1, 7, 8, 16, 32, 33, 512)] == (
+        ["blocks"] * 2 + ["buffers"] * 3 + ["blocks"] * 2
+    )
+    assert [path(t, 16, top_k=1) for t in (15, 16, 64, 65)] == [
+        "blocks",
+        "buffers",
+        "buffers",
+        "blocks",
+    ]
+    # 64 experts: the largest buffer is `E * T` rows, at most 4096.
+    assert [path(t, 64) for t in (31, 32, 64, 65)] == ["blocks", "buffers", "buffers", "blocks"]
+    assert path(16, 16, quantize="int8") == "blocks"
 
 
 def _routed_inputs(choices, seed=0):
@@ -556,8 +580,8 @@ def test_serialization_round_trip(tmp_path):
     np.testing.assert_array_equal(_np(actual), _np(expected))
 
 
-# Over 4 experts, 8 tokens (16 choices) take the dropless capacity buffers; 1 token (2 choices)
-# and 64 tokens (128 choices) the block scan.
+# Over 4 experts (top-2), 8 tokens take the dropless capacity buffers; 1 token and 64 tokens the
+# block scan (`test_dropless_path_is_chosen_by_size` checks the choice).
 DROPLESS_PATHS = pytest.mark.parametrize(
     "batch, length", [(2, 4), (1, 1), (2, 32)], ids=["buffers", "blocks_of_1", "blocks_of_8"]
 )

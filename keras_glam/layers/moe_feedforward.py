@@ -14,8 +14,8 @@ from keras_glam.layers.routing import expert_capacity
 
 _DISPATCH_MODES = ("auto", "einsum", "sort", "sort_loop")
 _MAX_DROPLESS_BLOCK = 128
-# Decoding-sized inputs take the dropless capacity buffers: 1 to 4 choices per expert on
-# average, and at most this many rows (`E * T`) in the largest buffer.
+# Decoding steps take the dropless capacity buffers: 1 to 4 choices per expert on average,
+# and at most this many rows (`E * T`) in the largest buffer.
 _MAX_DROPLESS_CHOICES_PER_EXPERT = 4
 _MAX_DROPLESS_BUFFER_ROWS = 4096
 
@@ -54,15 +54,15 @@ class MoEFeedForward(keras.layers.Layer):
     Routing without capacity uses a single group (groups only matter for capacity), and the
     experts run in one of two ways, with the same results:
 
-    - Decoding-sized inputs, 1 to 4 choices per expert on average (`E <= T * k <= 4 * E`, and
-      `E * T <= 4096`: a decoding step of many rows), float experts: capacity buffers `[E, C, M]` with `C` the
-      busiest expert's claims rounded up to a power of two (at most `T`, since a token's choices
-      are distinct experts), so nothing drops, and the experts' batched matmuls read each
-      expert's weights once (under expert parallelism the buffers move by all-to-all). The
-      compiled program switches between the `ceil(log2 T) + 1` buffer sizes at run time. The
-      matmuls cover `E * C` rows for `T * k` choices: typically 4x with balanced routing at 16
-      rows and 16 experts, up to `E / k` times when one expert takes nearly every token
-      (`eval_capacity_factor` bounds that).
+    - A decoding step of many rows, 1 to 4 choices per expert on average (`E <= T * k <= 4 * E`;
+      the scan below would run blocks of one or two rows), with `E * T <= 4096` and float
+      experts: capacity buffers `[E, C, M]` with `C` the busiest expert's claims rounded
+      up to a power of two (at most `T`, since a token's choices are distinct experts), so
+      nothing drops. The experts' batched matmuls read each expert's weights once, where the
+      scan reads an expert per block. The compiled program switches between the
+      `ceil(log2 T) + 1` buffer sizes at run time. The matmuls cover `E * C` rows for `T * k`
+      choices: typically 4x with balanced routing at 16 rows and 16 experts, up to `E / k`
+      times when one expert takes nearly every token (`eval_capacity_factor` bounds that).
     - Otherwise the `T * k` choices are laid out sorted by expert, each expert's run padded to a
       multiple of a block size `b` (a static bound of `T * k + E * (b - 1)` rows), and a scan
       over the blocks multiplies each block by its expert's weights, skipping the empty blocks
@@ -347,14 +347,21 @@ class MoEFeedForward(keras.layers.Layer):
             padding_mask=None if is_real is None else is_real[None],
             capacity=None,
         )
-        choices_per_expert = num_tokens * self.top_k / self.num_experts
+        if self._dropless_path(num_tokens) == "buffers":
+            return self._dropless_buffers(tokens, routing), routing
+        return self._dropless_blocks(tokens, routing), routing
+
+    def _dropless_path(self, num_tokens):
+        """`"buffers"` for 1 to 4 choices per expert on average (a decoding step of many rows),
+        `E * T <= 4096` and float experts; else `"blocks"`."""
+        num_choices = num_tokens * self.top_k
         if (
-            1 <= choices_per_expert <= _MAX_DROPLESS_CHOICES_PER_EXPERT
+            self.num_experts <= num_choices <= _MAX_DROPLESS_CHOICES_PER_EXPERT * self.num_experts
             and self.num_experts * num_tokens <= _MAX_DROPLESS_BUFFER_ROWS
             and self._experts_are_float()
         ):
-            return self._dropless_buffers(tokens, routing), routing
-        return self._dropless_blocks(tokens, routing), routing
+            return "buffers"
+        return "blocks"
 
     def _dropless_buffers(self, tokens, routing):
         """Every expert on the first `C` rows of its `T`-row buffer, `C` the smallest size in
@@ -529,8 +536,9 @@ def _block_slot_map(instructions, dispatched_per_expert, block_size):
         block_size: int `b`.
 
     Returns:
-        The `_SlotMap` over `R = roundup(T * k + E * (b - 1), b)` rows, and the int32 expert of
-        each of the `R / b` blocks.
+        The `_SlotMap` over `R = roundup(T * k + E * (b - 1), b)` rows, the int32 expert of
+        each of the `R / b` blocks, and whether each block starts before the last expert's run
+        ends (the later blocks are empty).
     """
     num_experts = dispatched_per_expert.shape[0]
     num_choices = math.prod(instructions.expert_index.shape)
