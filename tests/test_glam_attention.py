@@ -62,6 +62,13 @@ def _inputs():
     return x, _packed_causal_mask(SEGMENT_IDS)
 
 
+def _random_layer(x, **kwargs):
+    """A `GLaMAttention` built for `x` with `_randomise`'s weights, and those weights."""
+    layer = GLaMAttention(NUM_HEADS, HEAD_DIM, **kwargs)
+    layer.build(x.shape)
+    return layer, _randomise(layer)
+
+
 def _randomise(layer):
     """Random weights, larger than the initialiser's so every term moves the output."""
     weights = {}
@@ -80,9 +87,7 @@ def _randomise(layer):
 @pytest.mark.parametrize("use_zero_logit", [True, False])
 def test_matches_numpy_reference(use_zero_logit):
     x, mask = _inputs()
-    layer = GLaMAttention(NUM_HEADS, HEAD_DIM, use_zero_logit=use_zero_logit)
-    layer.build(x.shape)
-    weights = _randomise(layer)
+    layer, weights = _random_layer(x, use_zero_logit=use_zero_logit)
     expected = _reference_attention(x, weights, mask, use_zero_logit=use_zero_logit)
     np.testing.assert_allclose(
         layer(x, attention_mask=mask), expected, rtol=1e-4, atol=1e-5
@@ -91,10 +96,8 @@ def test_matches_numpy_reference(use_zero_logit):
 
 def test_without_relative_bias_matches_reference():
     x, mask = _inputs()
-    layer = GLaMAttention(NUM_HEADS, HEAD_DIM, relative_bias=False)
-    layer.build(x.shape)
+    layer, weights = _random_layer(x, relative_bias=False)
     assert not any("relative_bias" in w.path for w in layer.weights)
-    weights = _randomise(layer)
     expected = _reference_attention(x, weights, mask, use_bias=False)
     np.testing.assert_allclose(
         layer(x, attention_mask=mask), expected, rtol=1e-4, atol=1e-5
@@ -117,9 +120,7 @@ def test_zero_logit_hand_example():
 def test_cached_decoding_step_by_step_equals_full_forward():
     max_len = LENGTH + 2
     x, _ = _inputs()
-    layer = GLaMAttention(NUM_HEADS, HEAD_DIM)
-    layer.build(x.shape)
-    _randomise(layer)
+    layer, _ = _random_layer(x)
     full = np.asarray(layer(x, attention_mask=_packed_causal_mask(np.ones((BATCH, LENGTH)))))
 
     def cached_call(inputs, cache, index):
@@ -149,9 +150,7 @@ def test_left_padded_cached_rows_equal_the_unpadded_reference(use_zero_logit):
     # (2 slots of left padding, masked out): both must give the float64 reference of their
     # own unpadded tokens, the null key included.
     x, _ = _inputs()
-    layer = GLaMAttention(NUM_HEADS, HEAD_DIM, use_zero_logit=use_zero_logit)
-    layer.build(x.shape)
-    weights = _randomise(layer)
+    layer, weights = _random_layer(x, use_zero_logit=use_zero_logit)
     pad = 2
     shifted = x.copy()
     shifted[1, pad:] = x[1, : LENGTH - pad]
