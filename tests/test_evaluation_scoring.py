@@ -182,16 +182,16 @@ def _recorded_shapes(vocabulary, requests, batch_size):
     def context_pass(state, token_ids, padding_mask):
         context_shapes.add(token_ids.shape)
         rows, width = token_ids.shape
-        cache = (np.zeros((rows, 2, 1, width, 1), "float32"),)
+        cache = ((np.zeros((rows, 1, width, 1), "float32"),) * 2,)
         return cache, np.zeros((rows, vocabulary), "float32"), np.zeros(rows, "int32")
 
     def copy_caches(cache, context_rows, width):
-        assert width >= cache[0].shape[3]
-        return (np.zeros((len(context_rows), 2, 1, width, 1), "float32"),)
+        assert width >= cache[0][0].shape[2]
+        return ((np.zeros((len(context_rows), 1, width, 1), "float32"),) * 2,)
 
     def continuation_pass(state, cache, padding_mask, token_ids, targets):
-        assert padding_mask.shape[1] == cache[0].shape[3] + token_ids.shape[1]
-        continuation_shapes.add((cache[0].shape[3], token_ids.shape))
+        assert padding_mask.shape[1] == cache[0][0].shape[2] + token_ids.shape[1]
+        continuation_shapes.add((cache[0][0].shape[2], token_ids.shape))
         return np.zeros(token_ids.shape, "float32"), np.zeros(token_ids.shape, bool)
 
     scorer._context_pass = context_pass

@@ -1,6 +1,7 @@
 """GLaMAttention against a NumPy reference, cached decoding, precision, LoRA, int8, saving."""
 
 import math
+import re
 import warnings
 
 import jax
@@ -129,7 +130,7 @@ def test_cached_decoding_step_by_step_equals_full_forward():
         mask = ops.broadcast_to(visible[None], (BATCH, ops.shape(inputs)[1], max_len))
         return layer(inputs, attention_mask=mask, cache=cache, cache_update_index=index)
 
-    cache = np.zeros((BATCH, 2, NUM_HEADS, max_len, HEAD_DIM), "float32")
+    cache = (np.zeros((BATCH, NUM_HEADS, max_len, HEAD_DIM), "float32"),) * 2
     prefill, cache = cached_call(x[:, :3], cache, 0)
     outputs = [np.asarray(prefill)]
     step = jax.jit(cached_call)  # The cache index is traced, as in generate().
@@ -138,10 +139,11 @@ def test_cached_decoding_step_by_step_equals_full_forward():
         outputs.append(np.asarray(output))
 
     np.testing.assert_allclose(np.concatenate(outputs, axis=1), full, rtol=1e-5, atol=1e-5)
-    keys = np.einsum("btm,mnd->btnd", x, layer.key.kernel.numpy())
-    cached_keys = np.asarray(cache)[:, 0, :, :LENGTH]  # [B, N, positions, Dh]
-    np.testing.assert_allclose(cached_keys, keys.transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(cache)[:, :, :, LENGTH:], 0.0)
+    for cached, projection in zip(cache, (layer.key, layer.value)):
+        expected = np.einsum("btm,mnd->bntd", x, projection.kernel.numpy())
+        cached = np.asarray(cached)  # [B, N, positions, Dh]
+        np.testing.assert_allclose(cached[:, :, :LENGTH], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(cached[:, :, LENGTH:], 0.0)
 
 
 @pytest.mark.parametrize("use_zero_logit", [True, False])
@@ -158,7 +160,7 @@ def test_left_padded_cached_rows_equal_the_unpadded_reference(use_zero_logit):
     real = np.ones((BATCH, LENGTH), bool)
     real[1, :pad] = False
     mask = np.tril(np.ones((LENGTH, LENGTH), bool))[None] & real[:, None, :]
-    cache = np.zeros((BATCH, 2, NUM_HEADS, LENGTH, HEAD_DIM), "float32")
+    cache = (np.zeros((BATCH, NUM_HEADS, LENGTH, HEAD_DIM), "float32"),) * 2
     output, _ = layer(shifted, attention_mask=mask, cache=cache, cache_update_index=0)
     output = np.asarray(output)
 
@@ -311,12 +313,22 @@ def test_bad_calls_raise():
     layer = GLaMAttention(NUM_HEADS, HEAD_DIM)
     x, _ = _inputs()
     mask = np.ones((BATCH, LENGTH, 8), bool)
-    cache = np.zeros((BATCH, 2, NUM_HEADS, 8, HEAD_DIM), "float32")
+    keys = np.zeros((BATCH, NUM_HEADS, 8, HEAD_DIM), "float32")
+    cache = (keys, keys)
     with pytest.raises(ValueError, match="cache_update_index"):
         layer(x, attention_mask=mask, cache=cache)
     with pytest.raises(ValueError, match="attention_mask"):
         layer(x, cache=cache, cache_update_index=0)
-    with pytest.raises(ValueError, match="cache"):
-        layer(x, attention_mask=mask, cache=cache[:, :, :1], cache_update_index=0)
+    stacked = np.stack(cache, axis=1)  # One array of keys and values: the old layout.
+    bad_caches = {
+        "one array of shape [2, 2, 3, 8, 5]": stacked,
+        "a tuple of shapes [[2, 3, 8, 5]]": (keys,),
+        "a tuple of shapes [[2, 3, 8, 5], [2, 1, 8, 5]]": (keys, keys[:, :1]),
+    }
+    for found, bad in bad_caches.items():
+        expected = "(keys, values) pair of [batch, num_heads, max_len, head_dim] = "
+        expected += f"[B, 3, max_len, 5] arrays, got {found}."
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            layer(x, attention_mask=mask, cache=bad, cache_update_index=0)
     with pytest.raises(ValueError, match="hidden_dim"):
         GLaMAttention(NUM_HEADS, HEAD_DIM, hidden_dim=MODEL_DIM + 1)(x)

@@ -38,8 +38,13 @@ def test_a_cache_of_the_wrong_form_or_mask_is_one_clear_error(tiny_config):
     lm = _lm(tiny_config)
     token_ids = np.array([[2, 5, 6]], dtype="int32")
     cache = lm.empty_cache(1, 8)
-    stacked = np.stack([np.asarray(layer) for layer in cache], axis=1)  # The old 6-D layout.
-    for bad, found in ((stacked, "ndarray"), (cache[:-1], "a tuple of 2"), (list(cache), "list")):
+    stacked = tuple(np.stack(pair, axis=1) for pair in cache)  # The old per-layer layout.
+    bad_caches = (
+        (stacked, "a tuple of 3 ndarray"),
+        (cache[:-1], "a tuple of 2 tuple"),
+        (list(cache), "list"),
+    )
+    for bad, found in bad_caches:
         with pytest.raises(ValueError, match=f"tuple of 3 per-layer .*got {found}.*empty_cache"):
             lm.call_with_cache(token_ids, bad, 0)
     with pytest.raises(ValueError, match=r"whole cache, \[batch, max_len\] = \[1, 8\], got shape \[1, 4\]"):

@@ -51,7 +51,7 @@ def _mask():
 
 
 def _cache():
-    return TensorSpec((BATCH, 2, HEADS, CACHE_LENGTH, HEAD_DIM), unknown=(0,))
+    return (TensorSpec((BATCH, HEADS, CACHE_LENGTH, HEAD_DIM), unknown=(0,)),) * 2
 
 
 def _decoding_mask():
@@ -124,9 +124,9 @@ CASES = [
 
 
 def _arguments(args, kwargs, make):
-    args = tuple(make(a) if isinstance(a, TensorSpec) else a for a in args)
-    kwargs = {k: make(v) if isinstance(v, TensorSpec) else v for k, v in kwargs.items()}
-    return args, kwargs
+    return keras.tree.map_structure(
+        lambda value: make(value) if isinstance(value, TensorSpec) else value, (args, kwargs)
+    )
 
 
 def _specs(outputs, unknown_sizes=()):
@@ -141,7 +141,7 @@ def _specs(outputs, unknown_sizes=()):
 
 def _unknown_sizes(args, kwargs):
     """The sizes the symbolic inputs leave unknown (3, 5 and 7: no other size equals them)."""
-    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, TensorSpec)]
+    tensors = [value for value in keras.tree.flatten((args, kwargs)) if isinstance(value, TensorSpec)]
     return {tensor.shape[axis] for tensor in tensors for axis in tensor.unknown}
 
 

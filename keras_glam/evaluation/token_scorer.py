@@ -366,11 +366,11 @@ class TokenScorer:
 
     def _read_continuations(self, state, cache, padding_mask, token_ids, targets):
         """Log-probabilities of `targets` and whether each is the argmax, reading `token_ids`
-        after the contexts in `cache` (one `[rows, 2, heads, context width, head_dim]` array
-        per layer)."""
-        context_width, width = cache[0].shape[3], token_ids.shape[1]
-        positions = [(0, 0), (0, 0), (0, 0), (0, width), (0, 0)]
-        cache = tuple(jnp.pad(layer_cache, positions) for layer_cache in cache)
+        after the contexts in `cache` (`GLaMCausalLM.empty_cache`'s form, `context width`
+        positions)."""
+        context_width, width = cache[0][0].shape[2], token_ids.shape[1]
+        positions = [(0, 0), (0, 0), (0, width), (0, 0)]
+        cache = jax.tree.map(lambda array: jnp.pad(array, positions), cache)
         with stateless_scope(self.causal_lm, state):
             logits, _, _ = self.causal_lm.call_with_cache(
                 token_ids, cache, context_width, padding_mask=padding_mask
@@ -383,10 +383,10 @@ class TokenScorer:
 
 def _copied_caches(cache, context_rows, width):
     """The caches of `context_rows`, left-padded to `width` positions."""
-    return tuple(
-        jnp.pad(
-            jnp.take(layer_cache, context_rows, axis=0),
-            [(0, 0), (0, 0), (0, 0), (width - layer_cache.shape[3], 0), (0, 0)],
-        )
-        for layer_cache in cache
+    return jax.tree.map(
+        lambda array: jnp.pad(
+            jnp.take(array, context_rows, axis=0),
+            [(0, 0), (0, 0), (width - array.shape[2], 0), (0, 0)],
+        ),
+        cache,
     )

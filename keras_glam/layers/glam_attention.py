@@ -47,9 +47,10 @@ class GLaMAttention(keras.layers.Layer):
             cache (`Tk = max_len`) in cached decoding, and False at padding keys of rows
             that are left-padded (the relative bias depends on `query_position -
             key_position` only, so a shifted row attends exactly as an unshifted one).
-        cache: `[B, 2, N, max_len, Dh]` keys (index 0) and values (index 1), or None.
-            Heads come before positions so that the attention's contractions read the
-            cache as it lies (no per-step transpose of the whole cache).
+        cache: a `(keys, values)` pair of `[B, N, max_len, Dh]` arrays, or None. Heads
+            come before positions and keys and values are separate arrays, so that the
+            attention's contractions read the cache as it lies (no per-step copy or
+            transpose of the whole cache).
         cache_update_index: int or int scalar tensor (may be traced); required with
             `cache`. This step's keys and values are written at `cache_update_index`,
             the position of `x[:, 0]` (one update of the cache, done in place inside a
@@ -57,7 +58,7 @@ class GLaMAttention(keras.layers.Layer):
         training: unused (GLaM trains without dropout); accepted for a uniform call.
 
     Returns:
-        `[B, T, M]` in the compute dtype, or `(output, updated_cache)` when `cache` is
+        `[B, T, M]` in the compute dtype, or `(output, (keys, values))` when `cache` is
         given.
 
     Sublayers and weights: `query`, `key`, `value` (`EinsumDense`, kernel `[M, N, Dh]`),
@@ -70,7 +71,7 @@ class GLaMAttention(keras.layers.Layer):
     x = np.random.normal(size=(1, 5, 16)).astype("float32")
     causal = np.tril(np.ones((1, 5, 5), bool))
     y = attention(x, attention_mask=causal)  # [1, 5, 16]
-    cache = np.zeros((1, 2, 2, 5, 8), "float32")  # [B, 2, N, max_len, Dh]
+    cache = (np.zeros((1, 2, 5, 8), "float32"),) * 2  # keys, values: [B, N, max_len, Dh]
     step, cache = attention(
         x[:, :1], attention_mask=causal[:, :1], cache=cache, cache_update_index=0
     )  # step equals y[:, :1]
@@ -178,14 +179,18 @@ class GLaMAttention(keras.layers.Layer):
                 "where key_position <= query_position); unwritten cache slots would "
                 "otherwise be attended."
             )
-        if (
-            len(cache.shape) != 5
-            or tuple(cache.shape[1:3]) != (2, self.num_heads)
-            or cache.shape[4] != self.head_dim
+        is_pair = isinstance(cache, (tuple, list)) and len(cache) == 2
+        if not is_pair or any(
+            len(array.shape) != 4
+            or tuple(array.shape) != tuple(cache[0].shape)
+            or array.shape[1] != self.num_heads
+            or array.shape[3] != self.head_dim
+            for array in cache
         ):
             raise ValueError(
-                "`cache` must be [batch, 2, num_heads, max_len, head_dim] = "
-                f"[B, 2, {self.num_heads}, max_len, {self.head_dim}], got {cache.shape}."
+                "`cache` must be a (keys, values) pair of [batch, num_heads, max_len, "
+                f"head_dim] = [B, {self.num_heads}, max_len, {self.head_dim}] arrays, got "
+                f"{_describe(cache)}."
             )
 
     def _attention_weights(self, logits):
@@ -217,14 +222,18 @@ class GLaMAttention(keras.layers.Layer):
         # Key and value axes: `s` positions, `n` heads, in the order they lie in memory.
         key_axes = "bsnd"
         if cache is not None:
-            # One update of this step's [B, 2, N, T, Dh] entries, which XLA does in place in
-            # a compiled decoding loop (where slicing keys and values out, updating and
-            # stacking them again copied the whole cache every step).
-            new_entries = ops.transpose(ops.stack([key, value], axis=1), (0, 1, 3, 2, 4))
-            cache = ops.slice_update(
-                cache, [0, 0, 0, cache_update_index, 0], ops.cast(new_entries, cache.dtype)
+            # Updates of this step's [B, N, T, Dh] entries, which XLA does in place in a
+            # compiled decoding loop (one array holding both keys and values was copied
+            # whole every step when sliced into them).
+            key, value = (
+                ops.slice_update(
+                    array,
+                    [0, 0, cache_update_index, 0],
+                    ops.cast(ops.transpose(entries, (0, 2, 1, 3)), array.dtype),
+                )
+                for array, entries in zip(cache, (key, value))
             )
-            key, value = cache[:, 0], cache[:, 1]
+            cache = (key, value)
             key_axes = "bnsd"
             query_offset = cache_update_index
 
@@ -253,7 +262,9 @@ class GLaMAttention(keras.layers.Layer):
     ):
         output = keras.KerasTensor(x.shape, dtype=self.compute_dtype)
         if cache is not None:
-            return output, keras.KerasTensor(cache.shape, dtype=cache.dtype)
+            return output, tuple(
+                keras.KerasTensor(array.shape, dtype=array.dtype) for array in cache
+            )
         return output
 
     def get_config(self):
@@ -270,3 +281,13 @@ class GLaMAttention(keras.layers.Layer):
             }
         )
         return config
+
+
+def _describe(cache):
+    """A cache argument's type and shapes, for error messages."""
+    if isinstance(cache, (tuple, list)):
+        shapes = [list(getattr(array, "shape", ())) for array in cache]
+        return f"a {type(cache).__name__} of shapes {shapes}"
+    if hasattr(cache, "shape"):
+        return f"one array of shape {list(cache.shape)}"
+    return type(cache).__name__

@@ -138,7 +138,8 @@ class GLaMDecoderBlock(keras.layers.Layer):
             x: `[B, T, M]` hidden states.
             attention_mask: bool `[B, T, Tk]`, True where a query may attend to a key.
             padding_mask: `[B, T]`, zero at padding; padding is not routed to experts.
-            cache: optional `[B, 2, N, max_len, Dh]` key/value cache of this layer.
+            cache: optional `(keys, values)` cache of this layer, two `[B, N, max_len, Dh]`
+                arrays (see `GLaMAttention`).
             cache_update_index: position of `x[:, 0]` in the cache.
 
         Returns:
@@ -168,7 +169,7 @@ class GLaMDecoderBlock(keras.layers.Layer):
         # the unknown batch and sequence sizes of a functional model under construction.
         output = keras.KerasTensor(x.shape, dtype=self.compute_dtype)
         if cache is not None:
-            return output, keras.KerasTensor(cache.shape, dtype=cache.dtype)
+            return output, self.attention.compute_output_spec(x, cache=cache)[1]
         return output
 
     def get_config(self):

@@ -102,9 +102,9 @@ class GLaMCausalLM(GLaMPresets, keras_hub.models.CausalLM):
 
         Args:
             token_ids: int `[B, T]`, the tokens at positions `cache_update_index + arange(T)`.
-            cache: a tuple with one `[B, 2, N, max_len, Dh]` array of keys (index 0) and
-                values (index 1) per layer (`empty_cache` builds one). Separate arrays let
-                each layer's update be done in place in a compiled decoding loop.
+            cache: a tuple with one `(keys, values)` pair of `[B, N, max_len, Dh]` arrays per
+                layer (`empty_cache` builds one). Separate arrays let each update be done in
+                place in a compiled decoding loop.
             cache_update_index: int or scalar tensor, position of `token_ids[:, 0]`.
             padding_mask: optional bool `[B, max_len]` over the whole cache, False at slots
                 that hold no token of the row (padding); None: every slot up to the query
@@ -116,7 +116,7 @@ class GLaMCausalLM(GLaMPresets, keras_hub.models.CausalLM):
         """
         self._check_cache_arguments(cache, padding_mask)
         batch_size, query_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        max_length = ops.shape(cache[0])[3]
+        max_length = ops.shape(cache[0][0])[2]
         query_positions = cache_update_index + ops.arange(query_length)
         attention_mask = ops.expand_dims(
             ops.arange(max_length)[None, :] <= query_positions[:, None], 0
@@ -144,16 +144,23 @@ class GLaMCausalLM(GLaMPresets, keras_hub.models.CausalLM):
 
     def _check_cache_arguments(self, cache, padding_mask):
         num_layers = self.backbone.num_layers
-        if not (isinstance(cache, tuple) and len(cache) == num_layers):
-            found = f"a tuple of {len(cache)}" if isinstance(cache, tuple) else type(cache).__name__
+        if not (
+            isinstance(cache, tuple)
+            and len(cache) == num_layers
+            and all(isinstance(pair, tuple) and len(pair) == 2 for pair in cache)
+        ):
+            found = type(cache).__name__
+            if isinstance(cache, tuple):
+                kinds = sorted({type(layer_cache).__name__ for layer_cache in cache})
+                found = f"a tuple of {len(cache)} {'/'.join(kinds)}"
             raise ValueError(
-                f"`cache` must be a tuple of {num_layers} per-layer `[B, 2, num_heads, max_len, "
-                f"head_dim]` arrays, got {found}. Build it with `empty_cache(batch_size, "
-                "max_len)`."
+                f"`cache` must be a tuple of {num_layers} per-layer (keys, values) pairs of "
+                f"`[B, num_heads, max_len, head_dim]` arrays, got {found}. Build it with "
+                "`empty_cache(batch_size, max_len)`."
             )
         if padding_mask is None or None in padding_mask.shape:
             return
-        expected = (cache[0].shape[0], cache[0].shape[3])
+        expected = (cache[0][0].shape[0], cache[0][0].shape[2])
         if None not in expected and tuple(padding_mask.shape) != expected:
             raise ValueError(
                 f"`padding_mask` must cover the whole cache, [batch, max_len] = "
@@ -168,7 +175,8 @@ class GLaMCausalLM(GLaMPresets, keras_hub.models.CausalLM):
             max_length: int, cache positions.
 
         Returns:
-            A tuple of `num_layers` arrays `[batch_size, 2, num_heads, max_length, head_dim]`.
+            A tuple of `num_layers` (keys, values) pairs of
+            `[batch_size, num_heads, max_length, head_dim]` arrays.
 
         Example:
         ```python
@@ -178,9 +186,10 @@ class GLaMCausalLM(GLaMPresets, keras_hub.models.CausalLM):
         ```
         """
         backbone = self.backbone
-        shape = [batch_size, 2, backbone.num_heads, max_length, backbone.head_dim]
+        shape = [batch_size, backbone.num_heads, max_length, backbone.head_dim]
         return tuple(
-            ops.zeros(shape, dtype=self.compute_dtype) for _ in range(backbone.num_layers)
+            (ops.zeros(shape, dtype=self.compute_dtype), ops.zeros(shape, dtype=self.compute_dtype))
+            for _ in range(backbone.num_layers)
         )
 
     def _build_cache(self, token_ids):
