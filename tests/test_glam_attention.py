@@ -324,11 +324,22 @@ def test_bad_calls_raise():
         "one array of shape [2, 2, 3, 8, 5]": stacked,
         "a tuple of shapes [[2, 3, 8, 5]]": (keys,),
         "a tuple of shapes [[2, 3, 8, 5], [2, 1, 8, 5]]": (keys, keys[:, :1]),
+        "a tuple of shapes [[2, 3, 8, 5], []]": (keys, None),
+        "a list of shapes [[2, 3, 8, 5], [2, 3, 8, 5]]": [keys, keys],
     }
     for found, bad in bad_caches.items():
         expected = "(keys, values) pair of [batch, num_heads, max_len, head_dim] = "
         expected += f"[B, 3, max_len, 5] arrays, got {found}."
         with pytest.raises(ValueError, match=re.escape(expected)):
             layer(x, attention_mask=mask, cache=bad, cache_update_index=0)
+    # Symbolic calls check the cache too: 2 heads where the layer has 3.
+    symbolic_keys = keras.KerasTensor((None, 2, 8, HEAD_DIM))
+    with pytest.raises(ValueError, match=re.escape("got a tuple of shapes [[None, 2, 8, 5]")):
+        layer.compute_output_spec(
+            keras.KerasTensor((None, LENGTH, MODEL_DIM)),
+            attention_mask=keras.KerasTensor((None, LENGTH, 8), "bool"),
+            cache=(symbolic_keys, symbolic_keys),
+            cache_update_index=0,
+        )
     with pytest.raises(ValueError, match="hidden_dim"):
         GLaMAttention(NUM_HEADS, HEAD_DIM, hidden_dim=MODEL_DIM + 1)(x)

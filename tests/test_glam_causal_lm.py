@@ -40,8 +40,8 @@ def test_a_cache_of_the_wrong_form_or_mask_is_one_clear_error(tiny_config):
     cache = lm.empty_cache(1, 8)
     stacked = tuple(np.stack(pair, axis=1) for pair in cache)  # The old per-layer layout.
     bad_caches = (
-        (stacked, "a tuple of 3 ndarray"),
-        (cache[:-1], "a tuple of 2 tuple"),
+        (stacked, "a tuple of 3 items of type ndarray"),
+        (cache[:-1], "a tuple of 2 items of type tuple"),
         (list(cache), "list"),
     )
     for bad, found in bad_caches:

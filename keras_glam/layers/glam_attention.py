@@ -179,7 +179,12 @@ class GLaMAttention(keras.layers.Layer):
                 "where key_position <= query_position); unwritten cache slots would "
                 "otherwise be attended."
             )
-        is_pair = isinstance(cache, (tuple, list)) and len(cache) == 2
+        # A tuple, as `call` returns: a list would change the carry of a compiled loop.
+        is_pair = (
+            isinstance(cache, tuple)
+            and len(cache) == 2
+            and all(hasattr(array, "shape") for array in cache)
+        )
         if not is_pair or any(
             len(array.shape) != 4
             or tuple(array.shape) != tuple(cache[0].shape)
@@ -260,6 +265,7 @@ class GLaMAttention(keras.layers.Layer):
     def compute_output_spec(
         self, x, attention_mask=None, cache=None, cache_update_index=None, training=None
     ):
+        self._check_call_arguments(x, attention_mask, cache, cache_update_index)
         output = keras.KerasTensor(x.shape, dtype=self.compute_dtype)
         if cache is not None:
             return output, tuple(

@@ -164,12 +164,20 @@ class GLaMDecoderBlock(keras.layers.Layer):
             return x, cache
         return x
 
-    def compute_output_spec(self, x, cache=None, **kwargs):
+    def compute_output_spec(
+        self, x, attention_mask=None, cache=None, cache_update_index=None, **kwargs
+    ):
         # The layer preserves shapes; saying so spares the MoE routing from being traced with
         # the unknown batch and sequence sizes of a functional model under construction.
         output = keras.KerasTensor(x.shape, dtype=self.compute_dtype)
         if cache is not None:
-            return output, self.attention.compute_output_spec(x, cache=cache)[1]
+            _, cache = self.attention.compute_output_spec(
+                x,
+                attention_mask=attention_mask,
+                cache=cache,
+                cache_update_index=cache_update_index,
+            )
+            return output, cache
         return output
 
     def get_config(self):

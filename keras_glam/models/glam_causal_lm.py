@@ -152,7 +152,7 @@ class GLaMCausalLM(GLaMPresets, keras_hub.models.CausalLM):
             found = type(cache).__name__
             if isinstance(cache, tuple):
                 kinds = sorted({type(layer_cache).__name__ for layer_cache in cache})
-                found = f"a tuple of {len(cache)} {'/'.join(kinds)}"
+                found = f"a tuple of {len(cache)} items of type {'/'.join(kinds)}"
             raise ValueError(
                 f"`cache` must be a tuple of {num_layers} per-layer (keys, values) pairs of "
                 f"`[B, num_heads, max_len, head_dim]` arrays, got {found}. Build it with "
@@ -188,7 +188,7 @@ class GLaMCausalLM(GLaMPresets, keras_hub.models.CausalLM):
         backbone = self.backbone
         shape = [batch_size, backbone.num_heads, max_length, backbone.head_dim]
         return tuple(
-            (ops.zeros(shape, dtype=self.compute_dtype), ops.zeros(shape, dtype=self.compute_dtype))
+            tuple(ops.zeros(shape, dtype=self.compute_dtype) for _ in ("keys", "values"))
             for _ in range(backbone.num_layers)
         )
 
